@@ -8,6 +8,7 @@ functions, so the messages are the same everywhere.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ def _is_int(x) -> bool:
 
 def per_dim(name: str, value, ndim: int, kind=int) -> tuple:
     """Broadcast a scalar to ``ndim`` dimensions, or check a sequence has ``ndim`` entries."""
+    if type(value) is (bool if kind is bool else int):  # fast path: one plain scalar
+        return (value,) * ndim
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python {kind.__name__} or a tuple of them, got a tensor")
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
@@ -36,7 +39,7 @@ def per_dim(name: str, value, ndim: int, kind=int) -> tuple:
             f"broadcast; got {name}={value!r}"
         )
     for v in values:
-        ok = isinstance(v, bool) if kind is bool else _is_int(v)
+        ok = isinstance(v, bool) if kind is bool else (type(v) is int or _is_int(v))
         if not ok:
             raise TypeError(f"{name} must hold {kind.__name__}s, got {name}={value!r}")
     return tuple(kind(v) for v in values)
@@ -46,10 +49,14 @@ def normalize_geometry(shape, kernel_size, stride=1, dilation=1, is_causal=False
     """Validate GNA parameters against a spatial ``shape`` and return the :class:`Geometry`."""
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
-    kernel_size = per_dim("kernel_size", kernel_size, ndim)
-    stride = per_dim("stride", stride, ndim)
-    dilation = per_dim("dilation", dilation, ndim)
-    causal = per_dim("is_causal", is_causal, ndim, kind=bool)
+    return _checked_geometry(shape, per_dim("kernel_size", kernel_size, ndim),
+                             per_dim("stride", stride, ndim), per_dim("dilation", dilation, ndim),
+                             per_dim("is_causal", is_causal, ndim, kind=bool))
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_geometry(shape, kernel_size, stride, dilation, causal) -> Geometry:
+    # Cached: arguments are already normalized tuples of exact ints / bools.
     if any(k < 1 for k in kernel_size):
         raise ValueError(f"kernel_size must be >= 1 in every dimension, got {kernel_size=}")
     if any(d < 1 for d in dilation):
@@ -91,12 +98,16 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device}"
 
 
-def _check_tensors(names_tensors: dict, rank: int, what: str) -> None:
+def _check_tensors(names_tensors: dict, rank: int | None, what: str) -> None:
+    """Types, ranks (None: any rank >= 3), dtypes, devices, emptiness."""
     for name, t in names_tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in names_tensors.items():
-        if t.dim() != rank:
+        if rank is None and t.dim() < 3:
+            raise ValueError(f"{what} expects {name} as [batch, *spatial, heads, head_dim], got "
+                             f"{_describe(t)}")
+        if rank is not None and t.dim() != rank:
             layout = "[batch, n, heads, head_dim]" if rank == 4 else "[batch, *spatial, heads, head_dim]"
             raise ValueError(f"{what} expects {name} of rank {rank} {layout}, got {_describe(t)}")
     first_name, first = next(iter(names_tensors.items()))
@@ -224,11 +235,7 @@ def normalize(
 def normalize_dense(query, key, value, scale=None, additional_keys=None,
                     additional_values=None) -> float:
     """Check a dense-attention call (any spatial rank, flattened); return the scale."""
-    if not isinstance(query, torch.Tensor):
-        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
-    if query.dim() < 3:
-        raise ValueError(f"query must be [batch, *spatial, heads, head_dim], got {_describe(query)}")
-    _check_tensors({"query": query, "key": key, "value": value}, query.dim(), "attention")
+    _check_tensors({"query": query, "key": key, "value": value}, None, "attention")
     _, heads_kv = _check_heads(query, key, value)
     _check_extra(query, heads_kv, additional_keys, additional_values)
     return _check_scale(scale, query.shape[-1])

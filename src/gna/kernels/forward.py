@@ -1,0 +1,239 @@
+"""Fused GNA forward kernel (Triton).
+
+One program computes one Q tile (a box of ``T0 x T1 x T2`` tokens of one dilation group, one
+batch, one head) against the KV tiles (boxes of ``K0 x K1 x K2`` tokens) in its range.
+Problems of fewer than three dimensions are padded with unit dimensions by the launcher.
+
+Which KV tiles a Q tile visits comes from :mod:`gna.geometry` through two small tables the
+launcher builds (``win``: each query's window per dimension; ``rng``: each Q tile's visited
+and mask-free KV tile ranges per dimension). The kernel does no geometry of its own: it walks
+
+1. the *full* box (product of the per-dimension mask-free ranges) with no mask at all, then
+2. the visited box minus the full box (enumerated as three disjoint slabs, so no iteration is
+   wasted on a tile the first loop did) with per-row window masks and bounds checks, then
+3. the additional (text) keys, if any, in tiles of ``BLOCK_N``.
+
+Tokens are read straight from the heads-last layout through strides (no permute copy); the
+softmax is online, in fp32, with ``exp2`` and the scale folded into ``qk_scale``.
+"""
+
+import triton
+import triton.language as tl
+
+# Finite stand-in for -inf as the running max: a row whose first tiles are fully masked must
+# not compute exp2(-inf - -inf).
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _pick(idx, lo, n_lo, hi):
+    """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
+    return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
+
+
+@triton.jit
+def _attend_tile(
+    acc, l_i, m_i, q,
+    k_base, v_base, k_col, v_col, offs_d, d_mask,
+    kx0, kx1, kx2, L0, L1, L2,
+    ws0, we0, ws1, we1, ws2, we2,
+    qk_scale,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One KV tile of the online softmax. ``kx*`` are the tile's key coordinates per column."""
+    k_ptrs = k_base + k_col[:, None] + offs_d[None, :]
+    v_ptrs = v_base + v_col[:, None] + offs_d[None, :]
+    if MASKED:
+        col_ok = (kx0 < L0) & (kx1 < L1) & (kx2 < L2)
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        seen = ((ws0[:, None] <= kx0[None, :]) & (kx0[None, :] < we0[:, None])
+                & (ws1[:, None] <= kx1[None, :]) & (kx1[None, :] < we1[:, None])
+                & (ws2[:, None] <= kx2[None, :]) & (kx2[None, :] < we2[:, None]))
+        s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+# Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise).
+@triton.jit(do_not_specialize=["D0", "D1", "D2"])
+def gna_forward_kernel(
+    Q, K, V, EK, EV, Out, Lse, Win, Rng,
+    sq_b, sq_0, sq_1, sq_2, sq_h,
+    sk_b, sk_0, sk_1, sk_2, sk_h,
+    sv_b, sv_0, sv_1, sv_2, sv_h,
+    so_b, so_0, so_1, so_2, so_h,
+    sl_b, sl_0, sl_1, sl_2, sl_h,
+    sek_b, sek_n, sek_h, sev_b, sev_n, sev_h,
+    L0, L1, L2, D0, D1, D2,  # full sizes and dilations of the (padded) 3 dimensions
+    NT0, NT1, NT2,  # Q tiles per dimension of dilation group 0 (the longest)
+    win_s0, win_s1, win_s2, rng_s0, rng_s1, rng_s2,  # strides of the geometry tables
+    heads, groups_per_kv, head_dim, num_extra, qk_scale,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``HEAD_DIM`` is head_dim rounded up to a power of two (``PAD_D`` when they differ).
+    Tiles past the end of a shorter dilation group have empty ranges and masked stores."""
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
+    BLOCK_N: tl.constexpr = K0 * K1 * K2
+    pid_t = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    h_kv = h // groups_per_kv
+
+    # Dilation group of this program and its lengths (ceil((L - g) / d)).
+    g2 = pid_g % D2
+    g1 = (pid_g // D2) % D1
+    g0 = pid_g // (D2 * D1)
+    G0 = (L0 - g0 + D0 - 1) // D0
+    G1 = (L1 - g1 + D1 - 1) // D1
+    G2 = (L2 - g2 + D2 - 1) // D2
+    t2 = pid_t % NT2
+    t1 = (pid_t // NT2) % NT1
+    t0 = pid_t // (NT2 * NT1)
+
+    # Query rows of the tile: in-group coordinates and offsets.
+    offs_m = tl.arange(0, BLOCK_M)
+    i0 = t0 * T0 + offs_m // (T1 * T2)
+    i1 = t1 * T1 + (offs_m // T2) % T1
+    i2 = t2 * T2 + offs_m % T2
+    row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_mask = offs_d < head_dim
+    tok_q = ((g0 + i0 * D0).to(tl.int64) * sq_0 + (g1 + i1 * D1).to(tl.int64) * sq_1
+             + (g2 + i2 * D2).to(tl.int64) * sq_2)
+    q_ptrs = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + tok_q[:, None] + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+
+    # Each row's window per dimension (from the geometry tables; padding rows see nothing).
+    w0 = Win + 0 * win_s0 + g0 * win_s1 + i0 * win_s2
+    w1 = Win + 1 * win_s0 + g1 * win_s1 + i1 * win_s2
+    w2 = Win + 2 * win_s0 + g2 * win_s1 + i2 * win_s2
+    ws0 = tl.load(w0, mask=row_ok, other=0)
+    we0 = tl.load(w0 + 1, mask=row_ok, other=0)
+    ws1 = tl.load(w1, mask=row_ok, other=0)
+    we1 = tl.load(w1 + 1, mask=row_ok, other=0)
+    ws2 = tl.load(w2, mask=row_ok, other=0)
+    we2 = tl.load(w2 + 1, mask=row_ok, other=0)
+
+    # KV tile ranges of this Q tile per dimension: visited [f, l), mask-free [ff, fl).
+    r0 = Rng + 0 * rng_s0 + g0 * rng_s1 + t0 * rng_s2
+    r1 = Rng + 1 * rng_s0 + g1 * rng_s1 + t1 * rng_s2
+    r2 = Rng + 2 * rng_s0 + g2 * rng_s1 + t2 * rng_s2
+    f0, l0, ff0, fl0 = tl.load(r0), tl.load(r0 + 1), tl.load(r0 + 2), tl.load(r0 + 3)
+    f1, l1, ff1, fl1 = tl.load(r1), tl.load(r1 + 1), tl.load(r1 + 2), tl.load(r1 + 3)
+    f2, l2, ff2, fl2 = tl.load(r2), tl.load(r2 + 1), tl.load(r2 + 2), tl.load(r2 + 3)
+
+    # Key columns of a KV tile: per-dimension offsets inside the tile, and their token offsets.
+    offs_n = tl.arange(0, BLOCK_N)
+    c0 = offs_n // (K1 * K2)
+    c1 = (offs_n // K2) % K1
+    c2 = offs_n % K2
+    k_col = (c0 * D0).to(tl.int64) * sk_0 + (c1 * D1).to(tl.int64) * sk_1 + (c2 * D2).to(tl.int64) * sk_2
+    v_col = (c0 * D0).to(tl.int64) * sv_0 + (c1 * D1).to(tl.int64) * sv_1 + (c2 * D2).to(tl.int64) * sv_2
+    k_grp = K + b.to(tl.int64) * sk_b + h_kv.to(tl.int64) * sk_h + g0 * sk_0 + g1 * sk_1 + g2 * sk_2
+    v_grp = V + b.to(tl.int64) * sv_b + h_kv.to(tl.int64) * sv_h + g0 * sv_0 + g1 * sv_1 + g2 * sv_2
+    k_step0 = (K0 * D0).to(tl.int64) * sk_0
+    k_step1 = (K1 * D1).to(tl.int64) * sk_1
+    k_step2 = (K2 * D2).to(tl.int64) * sk_2
+    v_step0 = (K0 * D0).to(tl.int64) * sv_0
+    v_step1 = (K1 * D1).to(tl.int64) * sv_1
+    v_step2 = (K2 * D2).to(tl.int64) * sv_2
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # 1. Mask-free KV tiles: every query of the tile sees every key of these.
+    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
+    for n in range(0, in0 * in1 * in2):
+        j2 = ff2 + n % in2
+        j1 = ff1 + (n // in2) % in1
+        j0 = ff0 + n // (in2 * in1)
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q,
+            k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2,
+            v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2,
+            k_col, v_col, offs_d, d_mask, c0, c1, c2, G0, G1, G2,
+            ws0, we0, ws1, we1, ws2, we2, qk_scale,
+            MASKED=False, PAD_D=PAD_D, PRECISION=PRECISION)
+
+    # 2. Partial KV tiles: the visited box minus the full box, as three disjoint slabs
+    #    (A: dim 0 outside the full range; B: dim 0 inside, dim 1 outside; C: dims 0 and 1
+    #    inside, dim 2 outside).
+    vis0, vis1, vis2 = l0 - f0, l1 - f1, l2 - f2
+    out0, out1, out2 = vis0 - in0, vis1 - in1, vis2 - in2
+    lo0, lo1, lo2 = ff0 - f0, ff1 - f1, ff2 - f2  # lower outside parts
+    count_a = out0 * vis1 * vis2
+    count_b = in0 * out1 * vis2
+    count_c = in0 * in1 * out2
+    for n in range(0, count_a + count_b + count_c):
+        in_a = n < count_a
+        in_b = (n >= count_a) & (n < count_a + count_b)
+        m = tl.where(in_a, n, tl.where(in_b, n - count_a, n - count_a - count_b))
+        e1 = tl.maximum(tl.where(in_a, vis1, tl.where(in_b, out1, in1)), 1)
+        e2 = tl.maximum(tl.where(in_a | in_b, vis2, out2), 1)
+        u2 = m % e2
+        u1 = (m // e2) % e1
+        u0 = m // (e2 * e1)
+        j0 = tl.where(in_a, _pick(u0, f0, lo0, fl0), ff0 + u0)
+        j1 = tl.where(in_a, f1 + u1, tl.where(in_b, _pick(u1, f1, lo1, fl1), ff1 + u1))
+        j2 = tl.where(in_a | in_b, f2 + u2, _pick(u2, f2, lo2, fl2))
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q,
+            k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2,
+            v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2,
+            k_col, v_col, offs_d, d_mask,
+            j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2, G0, G1, G2,
+            ws0, we0, ws1, we1, ws2, we2, qk_scale,
+            MASKED=True, PAD_D=PAD_D, PRECISION=PRECISION)
+
+    # 3. Additional keys/values (e.g. text tokens): seen by every query.
+    if HAS_EXTRA:
+        ek_base = EK + b.to(tl.int64) * sek_b + h_kv.to(tl.int64) * sek_h
+        ev_base = EV + b.to(tl.int64) * sev_b + h_kv.to(tl.int64) * sev_h
+        for start in range(0, num_extra, BLOCK_N):
+            cols = start + offs_n
+            col_ok = cols < num_extra
+            ek = tl.load(ek_base + cols.to(tl.int64)[:, None] * sek_n + offs_d[None, :],
+                         mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+            ev = tl.load(ev_base + cols.to(tl.int64)[:, None] * sev_n + offs_d[None, :],
+                         mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(ev.dtype), ev, acc, input_precision=PRECISION)
+            m_i = m_new
+
+    # Epilogue: normalize, write out and the natural-log LSE.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    tok_o = ((g0 + i0 * D0).to(tl.int64) * so_0 + (g1 + i1 * D1).to(tl.int64) * so_1
+             + (g2 + i2 * D2).to(tl.int64) * so_2)
+    o_ptrs = Out + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + tok_o[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tok_l = ((g0 + i0 * D0).to(tl.int64) * sl_0 + (g1 + i1 * D1).to(tl.int64) * sl_1
+             + (g2 + i2 * D2).to(tl.int64) * sl_2)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(Lse + b.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + tok_l, lse, mask=row_ok)

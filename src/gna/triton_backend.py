@@ -1,0 +1,311 @@
+"""The ``triton`` backend: host launcher, ``torch.library`` op, autograd, registration.
+
+Layers, bottom up: the ``@triton.jit`` kernel (:mod:`gna.kernels.forward`); :func:`launch_forward`
+(strides, geometry tables, grid, launch options; no autograd); the custom op ``gna::na_forward``
+so ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque call; autograd registered on
+it; and the backend entry :func:`run` that :mod:`gna.backends` dispatches to.
+
+The backward pass currently recomputes through the reference backend (exact, but at reference
+speed and memory); fused backward kernels replace it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .args import Problem
+from .backends import Backend, Options, register
+from .geometry import Geometry, group_length
+
+try:  # Triton is optional: without it this backend reports why it cannot run.
+    import triton
+
+    from .kernels.forward import gna_forward_kernel
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+__all__ = ["LaunchConfig", "default_config", "launch_forward", "run"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shapes (per dimension, powers of two) and Triton launch options."""
+
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Candidate tile shapes per number of dimensions (Q tile, KV tiles), before fitting them to
+# the problem; for head_dim 256 each volume is halved. Measured on H100, fp16, d=128
+# (benchmarks/results/forward_sweep.jsonl): 128-token KV tiles won on perfectly block-sparse
+# settings (3-D stride 16x8x8: 35.5 ms vs 39.6 ms with 64), 64-token ones where many tiles are
+# partial (3-D stride 1: 78.6 ms vs 91.3 ms). _choose_kv_tile picks with the cost model below.
+_CANDIDATE_TILES = {
+    1: ((128,), ((64,), (128,))),
+    2: ((8, 16), ((8, 8), (8, 16))),
+    3: ((2, 8, 8), ((2, 4, 8), (1, 8, 8), (2, 8, 8))),
+}
+# Cost of a KV tile visit in "key tokens": its volume, times _MASK_COST[ndim] when partial,
+# plus _TILE_OVERHEAD. Fitted to the H100 sweep above (3-D masks are 6 compares per score).
+_MASK_COST = {1: 1.0, 2: 1.0, 3: 3.0}
+_TILE_OVERHEAD = 16
+
+
+def _tile_cost(geo: Geometry, q_tile, kv_tile) -> float:
+    visited, full = geo.tile_counts(q_tile, kv_tile)
+    volume = math.prod(kv_tile)
+    partial = int(visited.sum() - full.sum())
+    return (int(full.sum()) * volume + partial * volume * _MASK_COST[geo.ndim]
+            + int(visited.sum()) * _TILE_OVERHEAD)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _halve(tile: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    """Divide a tile's volume by ``factor`` (1 or 2), taking it off the largest dimension."""
+    if factor == 1:
+        return tile
+    tile = list(tile)
+    tile[tile.index(max(tile))] //= factor
+    return tuple(tile)
+
+
+def _fit(tile: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """Shrink tile dimensions longer than the axis, moving the volume to the last axis."""
+    fitted = [min(t, _next_pow2(n)) for t, n in zip(tile, lengths)]
+    volume = math.prod(tile)
+    for a in reversed(range(len(fitted))):
+        while math.prod(fitted) < volume and fitted[a] < _next_pow2(lengths[a]):
+            fitted[a] *= 2
+    return tuple(fitted)
+
+
+def default_config(problem: Problem, options: Options) -> LaunchConfig:
+    return _default_config(problem.geometry, problem.head_dim, options.q_tile_shape,
+                           options.kv_tile_shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_config(geo: Geometry, head_dim: int, q_tile, kv_tile) -> LaunchConfig:
+    lengths = tuple(group_length(n, d, 0) for n, d in zip(geo.shape, geo.dilation))
+    q_target, kv_targets = _CANDIDATE_TILES[geo.ndim]
+    shrink = 2 if head_dim > 128 else 1
+    q_tile = q_tile or _fit(_halve(q_target, shrink), lengths)
+    if kv_tile is None:
+        candidates = {_fit(_halve(t, shrink), lengths) for t in kv_targets}
+        kv_tile = min(sorted(candidates), key=lambda t: _tile_cost(geo, q_tile, t))
+    for name, tile in (("q_tile_shape", q_tile), ("kv_tile_shape", kv_tile)):
+        if any(t < 1 or t & (t - 1) for t in tile):
+            raise ValueError(f"{name} entries must be powers of two, got {name}={tile}")
+        if math.prod(tile) < 16:
+            raise ValueError(f"{name} must hold at least 16 tokens (tl.dot), got {name}={tile}")
+    head_dim = _next_pow2(head_dim)
+    big = math.prod(q_tile) >= 128 and head_dim >= 64
+    return LaunchConfig(q_tile, kv_tile, num_warps=8 if big else 4,
+                        num_stages=3 if head_dim <= 128 else 2)
+
+
+def _pad3(values, fill):
+    values = tuple(values)
+    return (fill,) * (3 - len(values)) + values
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that depends only on geometry and tiles (cached)."""
+
+    geo3: Geometry  # padded to 3 dimensions with unit dimensions in front
+    q_tile: tuple[int, int, int]
+    kv_tile: tuple[int, int, int]
+    n_tiles: tuple[int, int, int]  # Q tiles per dimension of dilation group 0
+    win: np.ndarray
+    rng: np.ndarray
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> _Plan:
+    """Pad to 3 dimensions and build the kernel's geometry tables from :mod:`gna.geometry`.
+
+    ``win[a, g, i] = (start, end)`` of query ``i`` of dilation group ``g`` along axis ``a``;
+    ``rng[a, g, t] = (first, last, full_first, full_last)`` KV tile ranges of Q tile ``t``.
+    Entries past a shorter group's end stay zero: empty ranges, nothing visited.
+    """
+    geo = Geometry(_pad3(geo.shape, 1), _pad3(geo.kernel_size, 1), _pad3(geo.stride, 1),
+                   _pad3(geo.dilation, 1), _pad3(geo.causal, False))
+    q_tile, kv_tile = _pad3(q_tile, 1), _pad3(kv_tile, 1)
+    lengths = [group_length(n, d, 0) for n, d in zip(geo.shape, geo.dilation)]
+    n_tiles = tuple(-(-n // t) for n, t in zip(lengths, q_tile))
+    win = np.zeros((3, max(geo.dilation), max(lengths), 2), dtype=np.int32)
+    rng = np.zeros((3, max(geo.dilation), max(n_tiles), 4), dtype=np.int32)
+    for axis in range(3):
+        for g in range(geo.dilation[axis]):
+            dim = geo.dim(axis, g)
+            start, end = dim.windows()
+            win[axis, g, : dim.length, 0] = start
+            win[axis, g, : dim.length, 1] = end
+            r = dim.tile_ranges(q_tile[axis], kv_tile[axis])
+            rng[axis, g, : len(r.first)] = np.stack(
+                [r.first, r.last, r.full_first, r.full_last], axis=1)
+    return _Plan(geo, q_tile, kv_tile, n_tiles, win, rng)
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _device_tables(plan: _Plan, device: torch.device):
+    """The plan's tables on ``device``; made once, so CUDA graph capture finds them ready."""
+    key = (plan.geo3, plan.q_tile, plan.kv_tile, device)
+    tables = _DEVICE_TABLES.get(key)
+    if tables is None:
+        tables = (torch.from_numpy(plan.win).to(device), torch.from_numpy(plan.rng).to(device))
+        _DEVICE_TABLES[key] = tables
+    return tables
+
+
+def _strides(t: torch.Tensor, ndim: int):
+    """(batch, dim0, dim1, dim2, head) strides of a heads-last tensor, unit dims padded."""
+    s = t.stride()
+    return (s[0], *_pad3(s[1: 1 + ndim], 0), s[-2])
+
+
+def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, config: LaunchConfig,
+                   tf32: bool = False):
+    """Run the forward kernel. Returns ``out`` (contiguous, q's dtype) and ``lse`` (float32)."""
+    ndim = geo.ndim
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
+    plan = _plan(geo, config.q_tile, config.kv_tile)
+    win, rng = _device_tables(plan, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if extra_k is not None:
+        extra_k = extra_k if extra_k.stride(-1) == 1 else extra_k.contiguous()
+        extra_v = extra_v if extra_v.stride(-1) == 1 else extra_v.contiguous()
+        extra_strides = (*extra_k.stride()[:3], *extra_v.stride()[:3])
+        num_extra = extra_k.shape[1]
+    else:
+        extra_k, extra_v = k, v  # never read
+        extra_strides = (0,) * 6
+        num_extra = 0
+    s = lse.stride()
+    lse_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
+    grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
+    head_dim_p2 = _next_pow2(max(head_dim, 16))
+    gna_forward_kernel[grid](
+        q, k, v, extra_k, extra_v, out, lse, win, rng,
+        *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
+        *lse_strides, *extra_strides,
+        *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
+        *win.stride()[:3], *rng.stride()[:3],
+        heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E,
+        *plan.q_tile, *plan.kv_tile,
+        HEAD_DIM=head_dim_p2, PAD_D=head_dim_p2 != head_dim, HAS_EXTRA=num_extra > 0,
+        PRECISION="tf32" if tf32 else "ieee",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+_LOG2E = math.log2(math.e)
+
+
+# --- torch.library op -----------------------------------------------------------------------
+
+@torch.library.custom_op("gna::na_forward", mutates_args=())
+def na_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
+    kernel_size: list[int], stride: list[int], dilation: list[int], causal: list[bool],
+    scale: float, q_tile: list[int], kv_tile: list[int], num_warps: int, num_stages: int,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = Geometry(tuple(q.shape[1:-2]), tuple(kernel_size), tuple(stride), tuple(dilation),
+                   tuple(causal))
+    config = LaunchConfig(tuple(q_tile), tuple(kv_tile), num_warps, num_stages)
+    return launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32)
+
+
+@na_forward.register_fake
+def _(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, q_tile, kv_tile,
+      num_warps, num_stages, tf32):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, *_ = inputs
+    ctx.save_for_backward(q, k, v, extra_k, extra_v)
+    ctx.geometry_args = (kernel_size, stride, dilation, causal, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # Interim backward: recompute through the reference backend (exact; reference speed).
+    from . import reference
+    from .args import normalize
+
+    q, k, v, extra_k, extra_v = ctx.saved_tensors
+    kernel_size, stride, dilation, causal, scale = ctx.geometry_args
+    inputs = [t.detach().requires_grad_() if t is not None else None
+              for t in (q, k, v, extra_k, extra_v)]
+    with torch.enable_grad():
+        problem = normalize(None, *inputs[:3], tuple(kernel_size), tuple(stride), tuple(dilation),
+                            tuple(causal), scale, *inputs[3:])
+        out, lse = reference.neighborhood_attention(problem, *inputs)
+        wrt = [t for t in inputs if t is not None]
+        grads = torch.autograd.grad((out, lse), wrt, (grad_out, grad_lse), allow_unused=True)
+    grads = iter(grads)
+    full = [next(grads) if t is not None else None for t in inputs]
+    return (*full, None, None, None, None, None, None, None, None, None, None)
+
+
+na_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- backend entry --------------------------------------------------------------------------
+
+def why_not(problem: Problem, options: Options) -> str | None:
+    if triton is None:
+        return "triton is not installed (pip install triton)"
+    if problem.device.type != "cuda" and not (_interpreting() and options.backend == "triton"):
+        return f"needs a CUDA device (or TRITON_INTERPRET=1), inputs are on {problem.device}"
+    if problem.dtype not in _DTYPES:
+        return f"supports float16, bfloat16 and float32, got {problem.dtype}"
+    if problem.head_dim > MAX_HEAD_DIM:
+        return f"supports head_dim <= {MAX_HEAD_DIM}, got {problem.head_dim}"
+    return None
+
+
+def run(problem: Problem, options: Options, q, k, v, extra_k, extra_v):
+    geo = problem.geometry
+    config = default_config(problem, options)
+    tf32 = options.fp32_precision == "tf32"
+    tensors = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and not (
+            torch.compiler.is_compiling()):
+        # Eager inference: call the launcher directly, skipping the op dispatch (host time
+        # is what bounds small problems).
+        return launch_forward(q, k, v, extra_k, extra_v, geo, problem.scale, config, tf32)
+    return na_forward(q, k, v, extra_k, extra_v, list(geo.kernel_size), list(geo.stride),
+                      list(geo.dilation), list(geo.causal), problem.scale, list(config.q_tile),
+                      list(config.kv_tile), config.num_warps, config.num_stages, tf32)
+
+
+register(Backend("triton", why_not, run), first=True)

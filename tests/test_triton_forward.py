@@ -1,0 +1,234 @@
+"""The Triton forward kernel against the reference backend (float64).
+
+Without a GPU these run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest) on
+tiny fp16/fp32 problems; on a GPU the same sweep runs larger, with bf16 too, plus the
+GPU-only checks (>2^31-element tensors, torch.compile, CUDA graphs).
+
+Error bounds, relative to a float64 reference, ||out - ref|| / ||ref||:
+fp32 ieee 1e-5, fp32 tf32 5e-3, fp16 5e-3, bf16 3e-2; LSE absolute: 1e-4 fp32 ieee, 2e-2
+otherwise.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import gna
+from gna.args import normalize
+from gna.backends import Options
+from gna.triton_backend import default_config
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+triton = pytest.importorskip("triton")
+
+REL_BOUND = {"fp32": 1e-5, "tf32": 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+LSE_BOUND = {"fp32": 1e-4, "tf32": 2e-2, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def _pow2_tiles(rng, ndim, volume):
+    """A random power-of-two tile of ``volume`` tokens over ``ndim`` dimensions."""
+    tile = [1] * ndim
+    for _ in range(int(math.log2(volume))):
+        tile[rng.randrange(ndim)] *= 2
+    return tuple(tile)
+
+
+def _random_case(seed, small):
+    rng = random.Random(seed)
+    ndim = rng.choice([1, 2, 3])
+    shape, ks, st, dl, cs = [], [], [], [], []
+    for _ in range(ndim):
+        n = rng.randint(4, {1: 40, 2: 12, 3: 7}[ndim] if small else {1: 700, 2: 40, 3: 16}[ndim])
+        d = rng.randint(1, min(3, n))
+        k = rng.randint(1, n // d)
+        shape.append(n)
+        ks.append(k)
+        st.append(rng.randint(1, k))
+        dl.append(d)
+        cs.append(rng.random() < 0.35)
+    heads_kv = rng.choice([1, 2])
+    heads = heads_kv * rng.choice([1, 2])
+    head_dim = rng.choice([16, 32] if small else [24, 32, 64, 128, 256])
+    extra = rng.choice([0, 0, 3, 70])
+    q_tile = _pow2_tiles(rng, ndim, rng.choice([16, 32] if small else [64, 128]))
+    kv_tile = _pow2_tiles(rng, ndim, rng.choice([16, 32] if small else [32, 64]))
+    if not small and head_dim == 256:
+        q_tile, kv_tile = _pow2_tiles(rng, ndim, 64), _pow2_tiles(rng, ndim, 32)
+    return dict(shape=tuple(shape), kernel_size=tuple(ks), stride=tuple(st), dilation=tuple(dl),
+                is_causal=tuple(cs), heads=heads, heads_kv=heads_kv, head_dim=head_dim,
+                extra=extra, q_tile=q_tile, kv_tile=kv_tile, batch=rng.choice([1, 2]))
+
+
+def _inputs(case, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, shape = case["batch"], case["shape"]
+    q = torch.randn(b, *shape, case["heads"], case["head_dim"], generator=g)
+    k = torch.randn(b, *shape, case["heads_kv"], case["head_dim"], generator=g)
+    v = torch.randn(b, *shape, case["heads_kv"], case["head_dim"], generator=g)
+    ek = ev = None
+    if case["extra"]:
+        ek = torch.randn(b, case["extra"], case["heads_kv"], case["head_dim"], generator=g)
+        ev = torch.randn(b, case["extra"], case["heads_kv"], case["head_dim"], generator=g)
+    return [t if t is None else t.to(DEVICE, dtype) for t in (q, k, v, ek, ev)]
+
+
+def _check(case, dtype, precision="ieee", seed=0):
+    q, k, v, ek, ev = _inputs(case, dtype, seed)
+    args = (case["kernel_size"], case["stride"], case["dilation"], case["is_causal"])
+    out, lse = gna.neighborhood_attention(
+        q, k, v, *args, additional_keys=ek, additional_values=ev, return_lse=True,
+        backend="triton", q_tile_shape=case["q_tile"], kv_tile_shape=case["kv_tile"],
+        fp32_precision=precision)
+    as64 = [t if t is None else t.double() for t in (q, k, v, ek, ev)]  # reference, on DEVICE
+    ref, ref_lse = gna.neighborhood_attention(*as64[:3], *args, additional_keys=as64[3],
+                                              additional_values=as64[4], return_lse=True,
+                                              backend="reference")
+    ref, ref_lse = ref.cpu(), ref_lse.cpu()
+    key = dtype if dtype != torch.float32 else ("tf32" if precision == "tf32" else "fp32")
+    assert out.dtype == dtype and out.shape == q.shape
+    out = out.cpu().double()
+    assert torch.isfinite(out).all(), f"non-finite output for {case}"
+    rel = ((out - ref).norm() / ref.norm()).item()
+    worst = (out - ref).abs().flatten().argmax().item()
+    where = [int(i) for i in torch.unravel_index(torch.tensor(worst), out.shape)]
+    assert rel <= REL_BOUND[key], f"{case} {dtype}: rel err {rel:.2e} (worst at {where})"
+    lse_err = (lse.cpu().double() - ref_lse).abs().max().item()
+    assert lse_err <= LSE_BOUND[key], f"{case} {dtype}: lse err {lse_err:.2e}"
+
+
+SMALL_DTYPES = [torch.float32, torch.float16]  # the interpreter computes bf16 dots wrongly
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=str)
+def test_forward_matches_reference_small(seed, dtype):
+    _check(_random_case(seed, small=True), dtype, seed=seed)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("seed", range(6, 30))
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=str)
+def test_forward_matches_reference_small_extended(seed, dtype):
+    _check(_random_case(seed, small=True), dtype, seed=seed)
+
+
+def test_forward_every_causal_combination_3d():
+    for mask in range(8):
+        causal = tuple(bool(mask >> a & 1) for a in range(3))
+        case = dict(shape=(4, 5, 6), kernel_size=(3, 2, 4), stride=(2, 1, 3), dilation=(1, 2, 1),
+                    is_causal=causal, heads=2, heads_kv=1, head_dim=16, extra=0,
+                    q_tile=(2, 2, 4), kv_tile=(1, 4, 4), batch=1)
+        _check(case, torch.float32, seed=mask)
+
+
+def test_forward_tf32_and_extra_keys():
+    case = dict(shape=(11, 9), kernel_size=(5, 3), stride=(1, 3), dilation=(2, 1),
+                is_causal=(False, True), heads=2, heads_kv=2, head_dim=16, extra=19,
+                q_tile=(4, 4), kv_tile=(2, 8), batch=1)
+    _check(case, torch.float32, precision="tf32" if CUDA else "ieee")
+
+
+def test_forward_accepts_fused_qkv_views():
+    qkv = torch.randn(1, 9, 10, 3, 2, 16, device=DEVICE)
+    q, k, v = qkv.unbind(dim=3)
+    assert not q.is_contiguous()
+    kw = dict(kernel_size=(3, 5), stride=(1, 2), backend="triton", q_tile_shape=(4, 4),
+              kv_tile_shape=(4, 4))
+    out = gna.na2d(q, k, v, **kw)
+    out_contig = gna.na2d(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+    torch.testing.assert_close(out, out_contig, rtol=0, atol=0)
+
+
+def test_triton_backend_rejects_float64_and_bad_tiles():
+    q = torch.randn(1, 8, 8, 1, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
+        gna.na2d(q, q, q, 3, backend="triton")
+    q = q.float()
+    with pytest.raises(ValueError, match="powers of two"):
+        gna.na2d(q, q, q, 3, backend="triton", q_tile_shape=(3, 8))
+
+
+def test_default_tiles_make_block_sparse_settings_mask_free():
+    """With the default tiles, the perfectly block-sparse benchmark settings visit no partial
+    KV tile (the kernel's masked loop is empty), per the geometry the kernel reads."""
+    settings = [((32768,), 2048, 2048), ((256, 256), (80, 80), (16, 16)),
+                ((30, 48, 80), (18, 24, 24), (16, 8, 8))]
+    for shape, window, stride in settings:
+        q = torch.empty(1, *shape, 1, 128, device="meta", dtype=torch.float16)
+        problem = normalize(None, q, q, q, window, stride)
+        config = default_config(problem, Options())
+        visited, full = problem.geometry.tile_counts(config.q_tile, config.kv_tile)
+        assert (visited == full).all(), (shape, window, stride, config)
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("seed", range(40))
+def test_forward_matches_reference_gpu(seed):
+    dtype = [torch.float16, torch.bfloat16, torch.float32][seed % 3]
+    _check(_random_case(1000 + seed, small=False), dtype, seed=seed)
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_head_dims_gpu(head_dim, dtype):
+    case = dict(shape=(12, 20, 24), kernel_size=(5, 7, 9), stride=(2, 3, 4), dilation=(1, 2, 1),
+                is_causal=(True, False, False), heads=4, heads_kv=2, head_dim=head_dim, extra=77,
+                q_tile=(2, 4, 8) if head_dim < 256 else (1, 4, 8), kv_tile=(2, 4, 8)
+                if head_dim < 256 else (1, 4, 8), batch=2)
+    _check(case, dtype)
+
+
+@gpu
+def test_forward_64bit_offsets_gpu():
+    """A fused qkv view of 3 x 2^31+ elements: offsets past 2^31 must not wrap."""
+    heads, head_dim = 16, 128
+    n = (1 << 31) // (heads * head_dim) + 4096
+    qkv = torch.empty(1, n, 3, heads, head_dim, device="cuda", dtype=torch.float16)
+    qkv.normal_()
+    q, k, v = qkv.unbind(dim=2)
+    out = gna.na1d(q, k, v, kernel_size=5, backend="triton")
+    assert q.numel() > 2**31
+    tail = slice(n - 256, n)
+    ref = gna.na1d(*(t[:, tail].double().cpu() for t in (q, k, v)), kernel_size=5,
+                   backend="reference")
+    rel = (out[:, tail][:, 8:].double().cpu() - ref[:, 8:]).norm() / ref[:, 8:].norm()
+    assert rel < REL_BOUND[torch.float16], rel
+
+
+@gpu
+def test_forward_torch_compile_fullgraph_gpu():
+    torch._dynamo.reset()
+    module = gna.NeighborhoodAttention2D(64, 4, kernel_size=7, stride=2).cuda().half()
+    x = torch.randn(2, 24, 24, 64, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x), rtol=1e-3, atol=1e-3)
+
+
+@gpu
+def test_forward_cuda_graph_gpu():
+    q, k, v = (torch.randn(1, 16, 16, 16, 2, 64, device="cuda", dtype=torch.float16)
+               for _ in range(3))
+    kw = dict(kernel_size=(3, 5, 5), stride=(1, 2, 2), backend="triton")
+    expected = gna.na3d(q, k, v, **kw)  # warm-up: compiles the kernel and caches tables
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gna.na3d(q, k, v, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gna.na3d(q, k, v, **kw)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, gna.na3d(q, k, v, **kw), rtol=0, atol=0)
+    assert not torch.equal(out, expected)
