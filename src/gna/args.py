@@ -156,11 +156,10 @@ def _check_extra(query, heads_kv, additional_keys, additional_values) -> int:
     extra = {"additional_keys": additional_keys, "additional_values": additional_values}
     _check_tensors(extra, 4, "additional context")
     for name, t in extra.items():
-        if t.dtype != query.dtype or t.device != query.device:
-            raise TypeError(
-                f"{name} must match query's dtype and device ({query.dtype}, {query.device}), "
-                f"got {t.dtype}, {t.device}"
-            )
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must have query's dtype {query.dtype}, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} must be on query's device {query.device}, got {t.device}")
         if t.shape[0] != query.shape[0] or tuple(t.shape[2:]) != (heads_kv, query.shape[-1]):
             raise ValueError(
                 f"{name} must be [batch, n_extra, heads_kv, head_dim] = "

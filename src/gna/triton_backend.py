@@ -11,6 +11,7 @@ speed and memory); fused backward kernels replace it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -25,6 +26,7 @@ from .geometry import Geometry, group_length
 
 try:  # Triton is optional: without it this backend reports why it cannot run.
     import triton
+    from triton.runtime import _allocation
 
     from .kernels.forward import gna_forward_kernel
 except ImportError:  # pragma: no cover - exercised only where triton is missing
@@ -48,6 +50,8 @@ class LaunchConfig:
     kv_tile: tuple[int, ...]
     num_warps: int = 4
     num_stages: int = 2
+    use_tma: bool = False  # K/V through device-side tensor descriptors (Hopper copy engine)
+    warp_specialize: bool = False  # Triton's warp specialization of the mask-free loop
 
 
 # Candidate tile shapes per number of dimensions (Q tile, KV tiles), before fitting them to
@@ -182,7 +186,7 @@ def _device_tables(plan: _Plan, device: torch.device):
 def _strides(t: torch.Tensor, ndim: int):
     """(batch, dim0, dim1, dim2, head) strides of a heads-last tensor, unit dims padded."""
     s = t.stride()
-    return (s[0], *_pad3(s[1: 1 + ndim], 0), s[-2])
+    return (s[0], *_pad3(s[1: 1 + ndim], 16), s[-2])  # any 16-multiple: index is always 0
 
 
 def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, config: LaunchConfig,
@@ -209,6 +213,30 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
     lse_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
     grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
     head_dim_p2 = _next_pow2(max(head_dim, 16))
+    with _scratch_allocator(config.use_tma):
+        _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, ndim, lse_strides,
+                extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32,
+                config)
+    return out, lse
+
+
+@contextlib.contextmanager
+def _scratch_allocator(needed: bool):
+    """Device-side tensor descriptors need global scratch memory at launch; provide it from
+    PyTorch's caching allocator for this launch only (Triton's allocator is a ContextVar)."""
+    if not needed:
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
+def _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, ndim, lse_strides,
+            extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32, config):
     gna_forward_kernel[grid](
         q, k, v, extra_k, extra_v, out, lse, win, rng,
         *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
@@ -218,10 +246,10 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
         heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E,
         *plan.q_tile, *plan.kv_tile,
         HEAD_DIM=head_dim_p2, PAD_D=head_dim_p2 != head_dim, HAS_EXTRA=num_extra > 0,
-        PRECISION="tf32" if tf32 else "ieee",
+        PRECISION="tf32" if tf32 else "ieee", USE_TMA=config.use_tma,
+        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out, lse
 
 
 _LOG2E = math.log2(math.e)

@@ -32,36 +32,48 @@ def _pick(idx, lo, n_lo, hi):
 
 
 @triton.jit
+def _load_tile(base, desc, col, offs_d, d_mask, j0, j1, j2, col_ok,
+               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASKED: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A ``[K0*K1*K2, HEAD_DIM]`` box of keys (or values) of KV tile ``(j0, j1, j2)``.
+
+    With ``USE_TMA`` the copy engine fetches the box through a tensor descriptor and zero-fills
+    what lies outside the group; otherwise per-row pointers (``base`` is the tile's origin).
+    """
+    if USE_TMA:
+        box = desc.load([j0 * K0, j1 * K1, j2 * K2, 0])
+        return box.reshape(K0 * K1 * K2, HEAD_DIM)
+    ptrs = base + col[:, None] + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    if PAD_D:
+        return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _attend_tile(
-    acc, l_i, m_i, q,
-    k_base, v_base, k_col, v_col, offs_d, d_mask,
-    kx0, kx1, kx2, L0, L1, L2,
+    acc, l_i, m_i, q, k, v,
+    kx0, kx1, kx2,
     ws0, we0, ws1, we1, ws2, we2,
     qk_scale,
-    MASKED: tl.constexpr, PAD_D: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One KV tile of the online softmax. ``kx*`` are the tile's key coordinates per column."""
-    k_ptrs = k_base + k_col[:, None] + offs_d[None, :]
-    v_ptrs = v_base + v_col[:, None] + offs_d[None, :]
-    if MASKED:
-        col_ok = (kx0 < L0) & (kx1 < L1) & (kx2 < L2)
-        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-    elif PAD_D:
-        k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    """One KV tile of the online softmax. ``kx*`` are the tile's key coordinates per column;
+    with ``MASKED`` each score is kept only if its key lies in the row's window."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         seen = ((ws0[:, None] <= kx0[None, :]) & (kx0[None, :] < we0[:, None])
                 & (ws1[:, None] <= kx1[None, :]) & (kx1[None, :] < we1[:, None])
                 & (ws2[:, None] <= kx2[None, :]) & (kx2[None, :] < we2[:, None]))
-        s = tl.where(seen, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        s = tl.where(seen, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        # Scale folded into one FMA per score: exp2(s * scale - m).
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -85,7 +97,7 @@ def gna_forward_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """``HEAD_DIM`` is head_dim rounded up to a power of two (``PAD_D`` when they differ).
     Tiles past the end of a shorter dilation group have empty ranges and masked stores."""
@@ -157,23 +169,36 @@ def gna_forward_kernel(
     v_step1 = (K1 * D1).to(tl.int64) * sv_1
     v_step2 = (K2 * D2).to(tl.int64) * sv_2
 
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(
+            k_grp, shape=[G0, G1, G2, head_dim], strides=[D0 * sk_0, D1 * sk_1, D2 * sk_2, 1],
+            block_shape=[K0, K1, K2, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(
+            v_grp, shape=[G0, G1, G2, head_dim], strides=[D0 * sv_0, D1 * sv_1, D2 * sv_2, 1],
+            block_shape=[K0, K1, K2, HEAD_DIM])
+    else:
+        k_desc = None
+        v_desc = None
+
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # 1. Mask-free KV tiles: every query of the tile sees every key of these.
     in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
-    for n in range(0, in0 * in1 * in2):
+    for n in tl.range(0, in0 * in1 * in2, warp_specialize=WARP_SPECIALIZE):
         j2 = ff2 + n % in2
         j1 = ff1 + (n // in2) % in1
         j0 = ff0 + n // (in2 * in1)
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q,
-            k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2,
-            v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2,
-            k_col, v_col, offs_d, d_mask, c0, c1, c2, G0, G1, G2,
-            ws0, we0, ws1, we1, ws2, we2, qk_scale,
-            MASKED=False, PAD_D=PAD_D, PRECISION=PRECISION)
+        k = _load_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
+                       offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                       MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        v = _load_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
+                       offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                       MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, c0, c1, c2,
+                                     ws0, we0, ws1, we1, ws2, we2, qk_scale,
+                                     MASKED=False, PRECISION=PRECISION)
 
     # 2. Partial KV tiles: the visited box minus the full box, as three disjoint slabs
     #    (A: dim 0 outside the full range; B: dim 0 inside, dim 1 outside; C: dims 0 and 1
@@ -196,14 +221,17 @@ def gna_forward_kernel(
         j0 = tl.where(in_a, _pick(u0, f0, lo0, fl0), ff0 + u0)
         j1 = tl.where(in_a, f1 + u1, tl.where(in_b, _pick(u1, f1, lo1, fl1), ff1 + u1))
         j2 = tl.where(in_a | in_b, f2 + u2, _pick(u2, f2, lo2, fl2))
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q,
-            k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2,
-            v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2,
-            k_col, v_col, offs_d, d_mask,
-            j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2, G0, G1, G2,
-            ws0, we0, ws1, we1, ws2, we2, qk_scale,
-            MASKED=True, PAD_D=PAD_D, PRECISION=PRECISION)
+        kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
+        col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
+        k = _load_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
+                       offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                       MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        v = _load_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
+                       offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                       MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, kx0, kx1, kx2,
+                                     ws0, we0, ws1, we1, ws2, we2, qk_scale,
+                                     MASKED=True, PRECISION=PRECISION)
 
     # 3. Additional keys/values (e.g. text tokens): seen by every query.
     if HAS_EXTRA:
