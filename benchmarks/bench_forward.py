@@ -171,33 +171,37 @@ def _print_row(r):
 
 
 def sweep(problems, dtype, head_dim, configs):
-    """Time gna under several launch configs per problem; print the best."""
+    """Time gna under several launch configs per problem; print the best. Each config's output
+    is compared with the first config's (they must agree to rounding)."""
     rows = []
     for name, shape, heads, window, stride, _ in problems:
         q, k, v = (torch.randn(1, *shape, heads, head_dim, device="cuda", dtype=dtype)
                    for _ in range(3))
         problem = normalize(None, q, k, v, window, stride)
-        pairs = problem.geometry.attended_pairs() * heads
-        best = None
-        for q_tile, kv_tile, warps, stages in configs[len(shape)]:
-            geo = problem.geometry
-            config = triton_backend.LaunchConfig(q_tile, kv_tile, warps, stages)
+        geo = problem.geometry
+        pairs = geo.attended_pairs() * heads
+        best, first = None, None
+        for config in configs[len(shape)]:
             fn = lambda: triton_backend.launch_forward(  # noqa: E731
                 q, k, v, None, None, geo, problem.scale, config)
             try:
+                out = fn()[0]
                 ms = harness.time_ms(fn, warmup_ms=50, rep_ms=200)["ms"]
             except Exception as e:
-                print(f"  {name} {q_tile}/{kv_tile} w{warps} s{stages}: {repr(e)[:120]}")
+                print(f"  {name} {config}: {repr(e)[:300]}", flush=True)
                 continue
-            visited, full = geo.tile_counts(q_tile, kv_tile)
-            row = {"problem": name, "q_tile": q_tile, "kv_tile": kv_tile, "num_warps": warps,
-                   "num_stages": stages, "ms": ms, "tflops": 4 * pairs * head_dim / ms / 1e9,
+            first = out if first is None else first
+            diff = (out.float() - first.float()).abs().max().item()
+            visited, _ = geo.tile_counts(config.q_tile, config.kv_tile)
+            row = {"problem": name, **{f: getattr(config, f) for f in config.__dataclass_fields__},
+                   "ms": ms, "tflops": 4 * pairs * head_dim / ms / 1e9, "diff_vs_first": diff,
                    "dtype": str(dtype).split(".")[-1], "head_dim": head_dim,
-                   "sim_bound": math.prod(-(-n // t) for n, t in zip(shape, kv_tile))
+                   "sim_bound": math.prod(-(-n // t) for n, t in zip(shape, config.kv_tile))
                    / int(visited.max())}
             rows.append(row)
-            print(f"  {name:24s} q{q_tile} kv{kv_tile} w{warps} s{stages}: {ms:8.3f} ms "
-                  f"{row['tflops']:5.0f} TF/s", flush=True)
+            print(f"  {name:22s} q{config.q_tile} kv{config.kv_tile} w{config.num_warps} "
+                  f"s{config.num_stages} tma={config.use_tma:d} ws={config.warp_specialize:d}: "
+                  f"{ms:8.3f} ms {row['tflops']:5.0f} TF/s diff {diff:.1e}", flush=True)
             if best is None or ms < best["ms"]:
                 best = row
         print(f"BEST {name}: {best}", flush=True)
@@ -206,15 +210,16 @@ def sweep(problems, dtype, head_dim, configs):
     harness.append("forward_sweep", rows)
 
 
+def _configs(q_tile, kv_tiles, variants=((8, 3, False, False), (8, 3, True, False),
+                                         (8, 3, True, True), (8, 2, True, False))):
+    return [triton_backend.LaunchConfig(q_tile, kv, w, s, tma, ws)
+            for kv in kv_tiles for w, s, tma, ws in variants]
+
+
 SWEEP_CONFIGS = {
-    1: [((128,), (64,), 8, 3), ((128,), (128,), 8, 3), ((128,), (64,), 4, 3),
-        ((64,), (64,), 4, 3), ((128,), (32,), 4, 4), ((128,), (128,), 8, 2)],
-    2: [((8, 16), (8, 8), 8, 3), ((8, 16), (8, 16), 8, 3), ((16, 8), (8, 8), 8, 3),
-        ((8, 16), (4, 16), 8, 3), ((8, 16), (8, 8), 4, 3), ((4, 16), (8, 8), 4, 3),
-        ((16, 16), (8, 8), 8, 2)],
-    3: [((2, 8, 8), (2, 4, 8), 8, 3), ((2, 8, 8), (1, 8, 8), 8, 3), ((2, 8, 8), (2, 8, 8), 8, 3),
-        ((4, 4, 8), (2, 4, 8), 8, 3), ((2, 8, 8), (2, 4, 8), 4, 3), ((1, 8, 16), (1, 8, 8), 8, 3),
-        ((2, 4, 16), (2, 4, 8), 8, 3)],
+    1: _configs((128,), [(128,), (64,)]),
+    2: _configs((8, 16), [(8, 16), (8, 8)]),
+    3: _configs((2, 8, 8), [(2, 8, 8), (2, 4, 8)]),
 }
 
 

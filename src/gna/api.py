@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, triton_backend
 from .args import normalize, normalize_dense, per_dim
 from .backends import Options, select
 
@@ -67,6 +67,13 @@ def neighborhood_attention(
         q = k = v = torch.randn(1, 32, 32, 4, 64)
         out = gna.na2d(q, k, v, kernel_size=7, stride=2, dilation=2)
     """
+    if torch.compiler.is_compiling() and triton_backend.compiles(query, backend):
+        # torch.compile: skip the host-side planning (Dynamo would trace it); the op does it,
+        # and its fake implementation validates the call.
+        out, lse = triton_backend.compiled_call(
+            query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+            additional_values, q_tile_shape, kv_tile_shape, fp32_precision == "tf32")
+        return (out, lse) if return_lse else out
     problem = normalize(_ndim, query, key, value, kernel_size, stride, dilation, is_causal,
                         scale, additional_keys, additional_values)
     ndim = problem.ndim

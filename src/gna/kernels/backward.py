@@ -1,0 +1,525 @@
+"""Fused GNA backward kernels (Triton), FlashAttention-2 structure.
+
+With ``P = softmax(scale * Q K^T)`` over each query's window keys plus the additional keys,
+``p_ij = exp(scale * s_ij - lse_i)`` is recomputed from the forward LSE, and
+
+    delta_i = rowsum(dO_i * O_i) - dlse_i        (d lse_i / d s_ij = p_ij folds dlse in)
+    dP = dO V^T,  dS = P * (dP - delta),  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K.
+
+Four kernels, launched by :mod:`gna.triton_backward`:
+
+* :func:`gna_backward_delta_kernel`: ``delta`` per query row, in fp32.
+* :func:`gna_backward_dkdv_kernel`: one program per KV tile (a ``K0 x K1 x K2`` box of one
+  dilation group), batch and KV head. It keeps its K/V tile and the dK/dV accumulators on
+  chip and walks the Q tiles that see the tile (the *inverse* ranges of :mod:`gna.geometry`,
+  table ``Inv``), for every query head sharing the KV head (GQA reduced in-program: no atomics,
+  no repeated K/V reads). Mask-free Q tiles first, then the visited box minus the full box as
+  three disjoint slabs with per-query window masks (table ``Win``), as the forward does.
+* :func:`gna_backward_dq_kernel`: one program per Q tile, head: the forward's iteration (table
+  ``Rng``) with the same full/partial split, then the additional keys.
+* :func:`gna_backward_extra_kernel`: dK/dV of the additional keys, which every query sees: one
+  program per (extra tile, split of the token range, batch, KV head) writes fp32 partial sums
+  that the launcher adds in a fixed order (deterministic, no atomics).
+
+The kernels do no geometry of their own; like the forward they read ``Win``, ``Rng`` and
+``Inv`` built by the launcher from :mod:`gna.geometry`. Problems of fewer than three dimensions
+are padded with unit dimensions in front.
+"""
+
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+# --- tile enumeration -------------------------------------------------------------------
+
+@triton.jit
+def _pick(idx, lo, n_lo, hi):
+    """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
+    return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
+
+
+@triton.jit
+def _full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2):
+    """The n-th tile (row-major) of the full box ``[ff, fl)`` per dimension."""
+    in1 = fl1 - ff1
+    in2 = fl2 - ff2
+    return ff0 + n // (in2 * in1), ff1 + (n // in2) % in1, ff2 + n % in2
+
+
+@triton.jit
+def _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
+    """Number of tiles in the visited box ``[f, l)`` minus the full box ``[ff, fl)``."""
+    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
+    vis0, vis1, vis2 = l0 - f0, l1 - f1, l2 - f2
+    return (vis0 - in0) * vis1 * vis2 + in0 * (vis1 - in1) * vis2 + in0 * in1 * (vis2 - in2)
+
+
+@triton.jit
+def _partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
+    """The n-th tile of the visited box minus the full box, as three disjoint slabs:
+    A: dim 0 outside the full range; B: dim 0 inside, dim 1 outside; C: dims 0 and 1 inside,
+    dim 2 outside. ``_partial_count`` of them in all; none is also in the full box."""
+    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
+    vis1, vis2 = l1 - f1, l2 - f2
+    out1, out2 = vis1 - in1, vis2 - in2
+    count_a = (l0 - f0 - in0) * vis1 * vis2
+    count_b = in0 * out1 * vis2
+    in_a = n < count_a
+    in_b = (n >= count_a) & (n < count_a + count_b)
+    m = tl.where(in_a, n, tl.where(in_b, n - count_a, n - count_a - count_b))
+    e1 = tl.maximum(tl.where(in_a, vis1, tl.where(in_b, out1, in1)), 1)
+    e2 = tl.maximum(tl.where(in_a | in_b, vis2, out2), 1)
+    u2 = m % e2
+    u1 = (m // e2) % e1
+    u0 = m // (e2 * e1)
+    j0 = tl.where(in_a, _pick(u0, f0, ff0 - f0, fl0), ff0 + u0)
+    j1 = tl.where(in_a, f1 + u1, tl.where(in_b, _pick(u1, f1, ff1 - f1, fl1), ff1 + u1))
+    j2 = tl.where(in_a | in_b, f2 + u2, _pick(u2, f2, ff2 - f2, fl2))
+    return j0, j1, j2
+
+
+@triton.jit
+def _load_ranges(Tab, s0, s1, s2, g0, g1, g2, t0, t1, t2):
+    """Per-dimension ``(first, last, full_first, full_last)`` of tile ``(t0, t1, t2)``."""
+    r0 = Tab + g0 * s1 + t0 * s2
+    r1 = Tab + s0 + g1 * s1 + t1 * s2
+    r2 = Tab + 2 * s0 + g2 * s1 + t2 * s2
+    return (tl.load(r0), tl.load(r0 + 1), tl.load(r0 + 2), tl.load(r0 + 3),
+            tl.load(r1), tl.load(r1 + 1), tl.load(r1 + 2), tl.load(r1 + 3),
+            tl.load(r2), tl.load(r2 + 1), tl.load(r2 + 2), tl.load(r2 + 3))
+
+
+@triton.jit
+def _load_windows(Win, s0, s1, s2, g0, g1, g2, i0, i1, i2, ok):
+    """Key window ``[start, end)`` per dimension of queries ``(i0, i1, i2)``; rows not ``ok``
+    get empty windows."""
+    w0 = Win + g0 * s1 + i0 * s2
+    w1 = Win + s0 + g1 * s1 + i1 * s2
+    w2 = Win + 2 * s0 + g2 * s1 + i2 * s2
+    return (tl.load(w0, mask=ok, other=0), tl.load(w0 + 1, mask=ok, other=0),
+            tl.load(w1, mask=ok, other=0), tl.load(w1 + 1, mask=ok, other=0),
+            tl.load(w2, mask=ok, other=0), tl.load(w2 + 1, mask=ok, other=0))
+
+
+@triton.jit
+def _in_window(x0, x1, x2, ws0, we0, ws1, we1, ws2, we2):
+    return ((ws0 <= x0) & (x0 < we0) & (ws1 <= x1) & (x1 < we1) & (ws2 <= x2) & (x2 < we2))
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, d_mask):
+    return tl.load(ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+
+
+# --- delta --------------------------------------------------------------------------------
+
+@triton.jit
+def gna_backward_delta_kernel(
+    Out, dO, dLse, Delta,
+    so_b, so_0, so_1, so_2, so_h,
+    sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
+    sl_b, sl_0, sl_1, sl_2, sl_h,  # Delta and dLse (same layout)
+    L1, L2, num_tokens, heads, head_dim,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """``delta = rowsum(dO * O) - dlse`` in fp32 for ``BLOCK_M`` tokens of one batch, head."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    x = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = x < num_tokens
+    x0 = (x // (L1 * L2)).to(tl.int64)
+    x1 = ((x // L2) % L1).to(tl.int64)
+    x2 = (x % L2).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_mask = offs_d < head_dim
+    o = _load_rows(Out + b * so_b + h * so_h + (x0 * so_0 + x1 * so_1 + x2 * so_2)[:, None]
+                   + offs_d[None, :], ok, d_mask)
+    do = _load_rows(dO + b * sdo_b + h * sdo_h + (x0 * sdo_0 + x1 * sdo_1 + x2 * sdo_2)[:, None]
+                    + offs_d[None, :], ok, d_mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    l_off = b * sl_b + h * sl_h + x0 * sl_0 + x1 * sl_1 + x2 * sl_2
+    if HAS_DLSE:
+        delta -= tl.load(dLse + l_off, mask=ok, other=0.0)
+    tl.store(Delta + l_off, delta, mask=ok)
+
+
+# --- dK / dV ------------------------------------------------------------------------------
+
+@triton.jit
+def _dkdv_q_tile(
+    dk, dv, k, v, kx0, kx1, kx2,
+    q_base, do_base, Lse, Delta, l_base, q_row, do_row, l_row, sq_h, sdo_h, sl_h,
+    i0, i1, i2, row_ok, Win, win_s0, win_s1, win_s2, g0, g1, g2,
+    h_first, groups_per_kv, offs_d, d_mask, qk_scale,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate one Q tile into a KV tile's dK/dV, over the query heads of the KV head.
+    Scores are transposed (``[keys, queries]``): the KV tile is the GEMM's M side."""
+    if MASKED:
+        ws0, we0, ws1, we1, ws2, we2 = _load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
+                                                     i0, i1, i2, row_ok)
+        seen = _in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
+                          ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
+    for hq in range(0, groups_per_kv):
+        h = (h_first + hq).to(tl.int64)
+        q = _load_rows(q_base + h * sq_h + q_row[:, None] + offs_d[None, :], row_ok, d_mask)
+        do = _load_rows(do_base + h * sdo_h + do_row[:, None] + offs_d[None, :], row_ok, d_mask)
+        # Padding rows load lse = delta = 0 with q = dO = 0: finite, and they add nothing.
+        lse2 = tl.load(Lse + l_base + h * sl_h + l_row, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(Delta + l_base + h * sl_h + l_row, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
+        if MASKED:
+            s = tl.where(seen, s, float("-inf"))
+        p = tl.exp2(s)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+# Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise).
+@triton.jit(do_not_specialize=["D0", "D1", "D2"])
+def gna_backward_dkdv_kernel(
+    Q, K, V, dO, Lse, Delta, dK, dV, Win, Inv,
+    sq_b, sq_0, sq_1, sq_2, sq_h,
+    sk_b, sk_0, sk_1, sk_2, sk_h,
+    sv_b, sv_0, sv_1, sv_2, sv_h,
+    sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
+    sl_b, sl_0, sl_1, sl_2, sl_h,  # Lse and Delta (same layout)
+    sdk_b, sdk_0, sdk_1, sdk_2, sdk_h,
+    sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
+    L0, L1, L2, D0, D1, D2,  # full sizes and dilations of the (padded) 3 dimensions
+    NK0, NK1, NK2,  # KV tiles per dimension of dilation group 0 (the longest)
+    win_s0, win_s1, win_s2, inv_s0, inv_s1, inv_s2,  # strides of the geometry tables
+    heads_kv, groups_per_kv, head_dim, qk_scale, scale,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one KV tile, one batch, one KV head. Tiles past the end of a shorter dilation
+    group have empty ranges and masked stores."""
+    BLOCK_N: tl.constexpr = K0 * K1 * K2
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
+    pid_t = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // heads_kv).to(tl.int64)
+    h_kv = pid_bh % heads_kv
+
+    g2 = pid_g % D2
+    g1 = (pid_g // D2) % D1
+    g0 = pid_g // (D2 * D1)
+    G0 = (L0 - g0 + D0 - 1) // D0
+    G1 = (L1 - g1 + D1 - 1) // D1
+    G2 = (L2 - g2 + D2 - 1) // D2
+    j2 = pid_t % NK2
+    j1 = (pid_t // NK2) % NK1
+    j0 = pid_t // (NK2 * NK1)
+
+    # The KV tile: in-group key coordinates per row, loaded once.
+    offs_n = tl.arange(0, BLOCK_N)
+    kx0 = j0 * K0 + offs_n // (K1 * K2)
+    kx1 = j1 * K1 + (offs_n // K2) % K1
+    kx2 = j2 * K2 + offs_n % K2
+    col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
+    x0 = (g0 + kx0 * D0).to(tl.int64)
+    x1 = (g1 + kx1 * D1).to(tl.int64)
+    x2 = (g2 + kx2 * D2).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_mask = offs_d < head_dim
+    hk = h_kv.to(tl.int64)
+    k = _load_rows(K + b * sk_b + hk * sk_h + (x0 * sk_0 + x1 * sk_1 + x2 * sk_2)[:, None]
+                   + offs_d[None, :], col_ok, d_mask)
+    v = _load_rows(V + b * sv_b + hk * sv_h + (x0 * sv_0 + x1 * sv_1 + x2 * sv_2)[:, None]
+                   + offs_d[None, :], col_ok, d_mask)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query rows of a Q tile: offsets inside the tile, token offsets, and per-tile steps.
+    offs_m = tl.arange(0, BLOCK_M)
+    r0 = offs_m // (T1 * T2)
+    r1 = (offs_m // T2) % T1
+    r2 = offs_m % T2
+    y0 = (r0 * D0).to(tl.int64)
+    y1 = (r1 * D1).to(tl.int64)
+    y2 = (r2 * D2).to(tl.int64)
+    q_row = y0 * sq_0 + y1 * sq_1 + y2 * sq_2
+    do_row = y0 * sdo_0 + y1 * sdo_1 + y2 * sdo_2
+    l_row = y0 * sl_0 + y1 * sl_1 + y2 * sl_2
+    z0 = g0.to(tl.int64)
+    z1 = g1.to(tl.int64)
+    z2 = g2.to(tl.int64)
+    q_grp = Q + b * sq_b + z0 * sq_0 + z1 * sq_1 + z2 * sq_2
+    do_grp = dO + b * sdo_b + z0 * sdo_0 + z1 * sdo_1 + z2 * sdo_2
+    l_grp = b * sl_b + z0 * sl_0 + z1 * sl_1 + z2 * sl_2
+    step0 = (T0 * D0).to(tl.int64)
+    step1 = (T1 * D1).to(tl.int64)
+    step2 = (T2 * D2).to(tl.int64)
+    h_first = h_kv * groups_per_kv
+
+    # Q tile ranges of this KV tile per dimension: visited [f, l), mask-free [ff, fl).
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = _load_ranges(
+        Inv, inv_s0, inv_s1, inv_s2, g0, g1, g2, j0, j1, j2)
+
+    # 1. Mask-free Q tiles: every query of the tile sees every key of this KV tile.
+    for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
+        t0, t1, t2 = _full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
+        i0, i1, i2 = t0 * T0 + r0, t1 * T1 + r1, t2 * T2 + r2
+        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+        s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
+        dk, dv = _dkdv_q_tile(
+            dk, dv, k, v, kx0, kx1, kx2,
+            q_grp + s0 * sq_0 + s1 * sq_1 + s2 * sq_2,
+            do_grp + s0 * sdo_0 + s1 * sdo_1 + s2 * sdo_2,
+            Lse, Delta, l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2,
+            q_row, do_row, l_row, sq_h, sdo_h, sl_h, i0, i1, i2, row_ok,
+            Win, win_s0, win_s1, win_s2, g0, g1, g2, h_first, groups_per_kv, offs_d, d_mask,
+            qk_scale, MASKED=False, PRECISION=PRECISION)
+
+    # 2. Partial Q tiles: the visited box minus the full box, with per-query window masks.
+    for n in range(0, _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
+        t0, t1, t2 = _partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+        i0, i1, i2 = t0 * T0 + r0, t1 * T1 + r1, t2 * T2 + r2
+        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+        s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
+        dk, dv = _dkdv_q_tile(
+            dk, dv, k, v, kx0, kx1, kx2,
+            q_grp + s0 * sq_0 + s1 * sq_1 + s2 * sq_2,
+            do_grp + s0 * sdo_0 + s1 * sdo_1 + s2 * sdo_2,
+            Lse, Delta, l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2,
+            q_row, do_row, l_row, sq_h, sdo_h, sl_h, i0, i1, i2, row_ok,
+            Win, win_s0, win_s1, win_s2, g0, g1, g2, h_first, groups_per_kv, offs_d, d_mask,
+            qk_scale, MASKED=True, PRECISION=PRECISION)
+
+    mask = col_ok[:, None] & d_mask[None, :]
+    tl.store(dK + b * sdk_b + hk * sdk_h + (x0 * sdk_0 + x1 * sdk_1 + x2 * sdk_2)[:, None]
+             + offs_d[None, :], (dk * scale).to(dK.dtype.element_ty), mask=mask)
+    tl.store(dV + b * sdv_b + hk * sdv_h + (x0 * sdv_0 + x1 * sdv_1 + x2 * sdv_2)[:, None]
+             + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=mask)
+
+
+# --- dQ -----------------------------------------------------------------------------------
+
+@triton.jit
+def _dq_kv_tile(dq, q, do, lse2, delta, k, v, kx0, kx1, kx2, ws0, we0, ws1, we1, ws2, we2,
+                qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate one KV tile into a Q tile's (unscaled) dQ."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
+    if MASKED:
+        seen = _in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
+                          ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
+        s = tl.where(seen, s, float("-inf"))
+    p = tl.exp2(s)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit(do_not_specialize=["D0", "D1", "D2"])
+def gna_backward_dq_kernel(
+    Q, K, V, EK, EV, dO, Lse, Delta, dQ, Win, Rng,
+    sq_b, sq_0, sq_1, sq_2, sq_h,
+    sk_b, sk_0, sk_1, sk_2, sk_h,
+    sv_b, sv_0, sv_1, sv_2, sv_h,
+    sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
+    sl_b, sl_0, sl_1, sl_2, sl_h,  # Lse and Delta (same layout)
+    sdq_b, sdq_0, sdq_1, sdq_2, sdq_h,
+    sek_b, sek_n, sek_h, sev_b, sev_n, sev_h,
+    L0, L1, L2, D0, D1, D2,
+    NT0, NT1, NT2,  # Q tiles per dimension of dilation group 0 (the longest)
+    win_s0, win_s1, win_s2, rng_s0, rng_s1, rng_s2,
+    heads, groups_per_kv, head_dim, num_extra, qk_scale, scale,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ of one Q tile, one batch, one head: the forward's KV iteration, then the extra keys."""
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
+    BLOCK_N: tl.constexpr = K0 * K1 * K2
+    pid_t = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    h_kv = (h // groups_per_kv).to(tl.int64)
+    h = h.to(tl.int64)
+
+    g2 = pid_g % D2
+    g1 = (pid_g // D2) % D1
+    g0 = pid_g // (D2 * D1)
+    G0 = (L0 - g0 + D0 - 1) // D0
+    G1 = (L1 - g1 + D1 - 1) // D1
+    G2 = (L2 - g2 + D2 - 1) // D2
+    t2 = pid_t % NT2
+    t1 = (pid_t // NT2) % NT1
+    t0 = pid_t // (NT2 * NT1)
+
+    # The Q tile, its dO, LSE (as log2) and delta, loaded once.
+    offs_m = tl.arange(0, BLOCK_M)
+    i0 = t0 * T0 + offs_m // (T1 * T2)
+    i1 = t1 * T1 + (offs_m // T2) % T1
+    i2 = t2 * T2 + offs_m % T2
+    row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+    x0 = (g0 + i0 * D0).to(tl.int64)
+    x1 = (g1 + i1 * D1).to(tl.int64)
+    x2 = (g2 + i2 * D2).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_mask = offs_d < head_dim
+    q = _load_rows(Q + b * sq_b + h * sq_h + (x0 * sq_0 + x1 * sq_1 + x2 * sq_2)[:, None]
+                   + offs_d[None, :], row_ok, d_mask)
+    do = _load_rows(dO + b * sdo_b + h * sdo_h + (x0 * sdo_0 + x1 * sdo_1 + x2 * sdo_2)[:, None]
+                    + offs_d[None, :], row_ok, d_mask)
+    l_off = b * sl_b + h * sl_h + x0 * sl_0 + x1 * sl_1 + x2 * sl_2
+    # Padding rows: lse = delta = 0 with q = dO = 0 keep them finite; their dQ is not stored.
+    lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+    ws0, we0, ws1, we1, ws2, we2 = _load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
+                                                 i0, i1, i2, row_ok)
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = _load_ranges(
+        Rng, rng_s0, rng_s1, rng_s2, g0, g1, g2, t0, t1, t2)
+
+    # Key columns of a KV tile: offsets inside the tile, and their token offsets.
+    offs_n = tl.arange(0, BLOCK_N)
+    c0 = offs_n // (K1 * K2)
+    c1 = (offs_n // K2) % K1
+    c2 = offs_n % K2
+    y0 = (c0 * D0).to(tl.int64)
+    y1 = (c1 * D1).to(tl.int64)
+    y2 = (c2 * D2).to(tl.int64)
+    k_col = y0 * sk_0 + y1 * sk_1 + y2 * sk_2
+    v_col = y0 * sv_0 + y1 * sv_1 + y2 * sv_2
+    z0 = g0.to(tl.int64)
+    z1 = g1.to(tl.int64)
+    z2 = g2.to(tl.int64)
+    k_grp = K + b * sk_b + h_kv * sk_h + z0 * sk_0 + z1 * sk_1 + z2 * sk_2
+    v_grp = V + b * sv_b + h_kv * sv_h + z0 * sv_0 + z1 * sv_1 + z2 * sv_2
+    step0 = (K0 * D0).to(tl.int64)
+    step1 = (K1 * D1).to(tl.int64)
+    step2 = (K2 * D2).to(tl.int64)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # 1. Mask-free KV tiles.
+    for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
+        j0, j1, j2 = _full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
+        s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
+        k_ptrs = k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2 + k_col[:, None] + offs_d[None, :]
+        v_ptrs = v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2 + v_col[:, None] + offs_d[None, :]
+        if PAD_D:
+            k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, c0, c1, c2,
+                         ws0, we0, ws1, we1, ws2, we2, qk_scale,
+                         MASKED=False, PRECISION=PRECISION)
+
+    # 2. Partial KV tiles: the visited box minus the full box, masked.
+    for n in range(0, _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
+        j0, j1, j2 = _partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+        kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
+        col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
+        s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
+        k = _load_rows(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2 + k_col[:, None]
+                       + offs_d[None, :], col_ok, d_mask)
+        v = _load_rows(v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2 + v_col[:, None]
+                       + offs_d[None, :], col_ok, d_mask)
+        dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, kx0, kx1, kx2,
+                         ws0, we0, ws1, we1, ws2, we2, qk_scale,
+                         MASKED=True, PRECISION=PRECISION)
+
+    # 3. Additional keys/values: seen by every query.
+    if HAS_EXTRA:
+        ek_base = EK + b * sek_b + h_kv * sek_h
+        ev_base = EV + b * sev_b + h_kv * sev_h
+        for start in range(0, num_extra, BLOCK_N):
+            cols = start + offs_n
+            col_ok = cols < num_extra
+            ek = _load_rows(ek_base + cols.to(tl.int64)[:, None] * sek_n + offs_d[None, :],
+                            col_ok, d_mask)
+            ev = _load_rows(ev_base + cols.to(tl.int64)[:, None] * sev_n + offs_d[None, :],
+                            col_ok, d_mask)
+            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale - lse2[:, None]
+            p = tl.exp2(tl.where(col_ok[None, :], s, float("-inf")))
+            dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(ek.dtype), ek, dq, input_precision=PRECISION)
+
+    tl.store(dQ + b * sdq_b + h * sdq_h + (x0 * sdq_0 + x1 * sdq_1 + x2 * sdq_2)[:, None]
+             + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
+
+
+# --- additional keys / values -------------------------------------------------------------
+
+@triton.jit
+def gna_backward_extra_kernel(
+    Q, EK, EV, dO, Lse, Delta, dEK, dEV,
+    sq_b, sq_0, sq_1, sq_2, sq_h,
+    sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
+    sl_b, sl_0, sl_1, sl_2, sl_h,  # Lse and Delta (same layout)
+    sek_b, sek_n, sek_h, sev_b, sev_n, sev_h,
+    sp_s, sp_b, sp_n, sp_h,  # fp32 partial sums dEK, dEV: [split, batch, n_extra, heads_kv, d]
+    L1, L2, num_tokens, tokens_per_split,
+    heads_kv, groups_per_kv, head_dim, num_extra, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Partial dK/dV (unscaled dK) of ``BLOCK_N`` additional keys over one contiguous range of
+    query tokens (all dilation groups alike: every query sees every additional key), summed
+    over the query heads of the KV head."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // heads_kv).to(tl.int64)
+    h_kv = pid_bh % heads_kv
+    hk = h_kv.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < num_extra
+    cols = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_mask = offs_d < head_dim
+    ek = _load_rows(EK + b * sek_b + hk * sek_h + cols[:, None] * sek_n + offs_d[None, :],
+                    col_ok, d_mask)
+    ev = _load_rows(EV + b * sev_b + hk * sev_h + cols[:, None] * sev_n + offs_d[None, :],
+                    col_ok, d_mask)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    tok_lo = pid_s * tokens_per_split
+    tok_hi = tl.minimum(tok_lo + tokens_per_split, num_tokens)
+    offs_m = tl.arange(0, BLOCK_M)
+    for start in range(tok_lo, tok_hi, BLOCK_M):
+        x = start + offs_m
+        row_ok = x < tok_hi
+        x0 = (x // (L1 * L2)).to(tl.int64)
+        x1 = ((x // L2) % L1).to(tl.int64)
+        x2 = (x % L2).to(tl.int64)
+        q_tok = b * sq_b + x0 * sq_0 + x1 * sq_1 + x2 * sq_2
+        do_tok = b * sdo_b + x0 * sdo_0 + x1 * sdo_1 + x2 * sdo_2
+        l_tok = b * sl_b + x0 * sl_0 + x1 * sl_1 + x2 * sl_2
+        for hq in range(0, groups_per_kv):
+            h = (h_kv * groups_per_kv + hq).to(tl.int64)
+            q = _load_rows(Q + h * sq_h + q_tok[:, None] + offs_d[None, :], row_ok, d_mask)
+            do = _load_rows(dO + h * sdo_h + do_tok[:, None] + offs_d[None, :], row_ok, d_mask)
+            lse2 = tl.load(Lse + h * sl_h + l_tok, mask=row_ok, other=0.0) * _LOG2E
+            delta = tl.load(Delta + h * sl_h + l_tok, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale - lse2[:, None]
+            p = tl.exp2(tl.where(row_ok[:, None], s, float("-inf")))
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+
+    p_off = (pid_s.to(tl.int64) * sp_s + b * sp_b + hk * sp_h + cols[:, None] * sp_n
+             + offs_d[None, :])
+    mask = col_ok[:, None] & d_mask[None, :]
+    tl.store(dEK + p_off, dk, mask=mask)
+    tl.store(dEV + p_off, dv, mask=mask)
