@@ -207,6 +207,16 @@ def test_forward_head_dims_gpu(head_dim, dtype):
 
 
 @gpu
+def test_forward_repeated_calls_reuse_launch_gpu():
+    """Later calls with the same shapes take the cached-launch path; they must see new data."""
+    case = dict(shape=(9, 40), kernel_size=(5, 9), stride=(2, 4), dilation=(1, 2),
+                is_causal=(False, True), heads=4, heads_kv=2, head_dim=64, extra=5,
+                q_tile=(4, 16), kv_tile=(4, 16), batch=2)
+    for seed in range(3):
+        _check(case, torch.float16, seed=seed)
+
+
+@gpu
 def test_forward_64bit_offsets_gpu():
     """A fused qkv view of 3 x 2^31+ elements: offsets past 2^31 must not wrap."""
     heads, head_dim = 16, 128

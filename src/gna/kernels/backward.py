@@ -149,35 +149,53 @@ def gna_backward_delta_kernel(
 # --- dK / dV ------------------------------------------------------------------------------
 
 @triton.jit
-def _dkdv_q_tile(
-    dk, dv, k, v, kx0, kx1, kx2,
-    q_base, do_base, Lse, Delta, l_base, q_row, do_row, l_row, sq_h, sdo_h, sl_h,
-    i0, i1, i2, row_ok, Win, win_s0, win_s1, win_s2, g0, g1, g2,
-    h_first, groups_per_kv, offs_d, d_mask, qk_scale,
+def _dkdv_step(
+    dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
+    q_grp, do_grp, Lse, Delta, l_grp, q_row, do_row, l_row,
+    sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
+    step0, step1, step2, r0, r1, r2, G0, G1, G2,
+    Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate one Q tile into a KV tile's dK/dV, over the query heads of the KV head.
-    Scores are transposed (``[keys, queries]``): the KV tile is the GEMM's M side."""
+    """Step ``n`` of a dK/dV loop: Q tile ``n // groups_per_kv`` of the full box (or, with
+    ``MASKED``, of the visited box minus the full box), query head ``n % groups_per_kv`` of
+    the KV head. One flat loop over (tile, head) keeps it the innermost loop, which Triton
+    software-pipelines."""
+    tile = n // groups_per_kv
+    h = (h_first + n % groups_per_kv).to(tl.int64)
+    if MASKED:
+        t0, t1, t2 = _partial_tile(tile, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    else:
+        t0, t1, t2 = _full_tile(tile, ff0, fl0, ff1, fl1, ff2, fl2)
+    i0 = t0 * T0 + r0
+    i1 = t1 * T1 + r1
+    i2 = t2 * T2 + r2
+    row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+    s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
+    q = _load_rows(q_grp + s0 * sq_0 + s1 * sq_1 + s2 * sq_2 + h * sq_h + q_row[:, None]
+                   + offs_d[None, :], row_ok, d_mask)
+    do = _load_rows(do_grp + s0 * sdo_0 + s1 * sdo_1 + s2 * sdo_2 + h * sdo_h + do_row[:, None]
+                    + offs_d[None, :], row_ok, d_mask)
+    # Padding rows load lse = delta = 0 with q = dO = 0: finite, and they add nothing.
+    l_off = l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2 + h * sl_h + l_row
+    lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+    # Scores [queries, keys]: the Q tile is the GEMM's M side (wgmma wants 64-row warpgroups
+    # on M; the KV tile there would replicate the scores over warps and spill).
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
     if MASKED:
         ws0, we0, ws1, we1, ws2, we2 = _load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
                                                      i0, i1, i2, row_ok)
         seen = _in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
                           ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
-    for hq in range(0, groups_per_kv):
-        h = (h_first + hq).to(tl.int64)
-        q = _load_rows(q_base + h * sq_h + q_row[:, None] + offs_d[None, :], row_ok, d_mask)
-        do = _load_rows(do_base + h * sdo_h + do_row[:, None] + offs_d[None, :], row_ok, d_mask)
-        # Padding rows load lse = delta = 0 with q = dO = 0: finite, and they add nothing.
-        lse2 = tl.load(Lse + l_base + h * sl_h + l_row, mask=row_ok, other=0.0) * _LOG2E
-        delta = tl.load(Delta + l_base + h * sl_h + l_row, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
-        if MASKED:
-            s = tl.where(seen, s, float("-inf"))
-        p = tl.exp2(s)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+        s = tl.where(seen, s, float("-inf"))
+    p = tl.exp2(s)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -266,34 +284,28 @@ def gna_backward_dkdv_kernel(
         Inv, inv_s0, inv_s1, inv_s2, g0, g1, g2, j0, j1, j2)
 
     # 1. Mask-free Q tiles: every query of the tile sees every key of this KV tile.
-    for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
-        t0, t1, t2 = _full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
-        i0, i1, i2 = t0 * T0 + r0, t1 * T1 + r1, t2 * T2 + r2
-        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
-        s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
-        dk, dv = _dkdv_q_tile(
-            dk, dv, k, v, kx0, kx1, kx2,
-            q_grp + s0 * sq_0 + s1 * sq_1 + s2 * sq_2,
-            do_grp + s0 * sdo_0 + s1 * sdo_1 + s2 * sdo_2,
-            Lse, Delta, l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2,
-            q_row, do_row, l_row, sq_h, sdo_h, sl_h, i0, i1, i2, row_ok,
-            Win, win_s0, win_s1, win_s2, g0, g1, g2, h_first, groups_per_kv, offs_d, d_mask,
-            qk_scale, MASKED=False, PRECISION=PRECISION)
+    n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
+    for n in range(0, n_full * groups_per_kv):
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
+            f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
+            q_grp, do_grp, Lse, Delta, l_grp, q_row, do_row, l_row,
+            sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
+            step0, step1, step2, r0, r1, r2, G0, G1, G2,
+            Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
+            T0, T1, T2, MASKED=False, PRECISION=PRECISION)
 
     # 2. Partial Q tiles: the visited box minus the full box, with per-query window masks.
-    for n in range(0, _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
-        t0, t1, t2 = _partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
-        i0, i1, i2 = t0 * T0 + r0, t1 * T1 + r1, t2 * T2 + r2
-        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
-        s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
-        dk, dv = _dkdv_q_tile(
-            dk, dv, k, v, kx0, kx1, kx2,
-            q_grp + s0 * sq_0 + s1 * sq_1 + s2 * sq_2,
-            do_grp + s0 * sdo_0 + s1 * sdo_1 + s2 * sdo_2,
-            Lse, Delta, l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2,
-            q_row, do_row, l_row, sq_h, sdo_h, sl_h, i0, i1, i2, row_ok,
-            Win, win_s0, win_s1, win_s2, g0, g1, g2, h_first, groups_per_kv, offs_d, d_mask,
-            qk_scale, MASKED=True, PRECISION=PRECISION)
+    n_partial = _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    for n in range(0, n_partial * groups_per_kv):
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
+            f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
+            q_grp, do_grp, Lse, Delta, l_grp, q_row, do_row, l_row,
+            sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
+            step0, step1, step2, r0, r1, r2, G0, G1, G2,
+            Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
+            T0, T1, T2, MASKED=True, PRECISION=PRECISION)
 
     mask = col_ok[:, None] & d_mask[None, :]
     tl.store(dK + b * sdk_b + hk * sdk_h + (x0 * sdk_0 + x1 * sdk_1 + x2 * sdk_2)[:, None]
@@ -496,27 +508,29 @@ def gna_backward_extra_kernel(
     tok_lo = pid_s * tokens_per_split
     tok_hi = tl.minimum(tok_lo + tokens_per_split, num_tokens)
     offs_m = tl.arange(0, BLOCK_M)
-    for start in range(tok_lo, tok_hi, BLOCK_M):
-        x = start + offs_m
+    # One flat loop over (token block, query head), so it is the loop Triton pipelines.
+    n_blocks = tl.cdiv(tok_hi - tok_lo, BLOCK_M)
+    for n in range(0, n_blocks * groups_per_kv):
+        x = tok_lo + (n // groups_per_kv) * BLOCK_M + offs_m
+        h = (h_kv * groups_per_kv + n % groups_per_kv).to(tl.int64)
         row_ok = x < tok_hi
         x0 = (x // (L1 * L2)).to(tl.int64)
         x1 = ((x // L2) % L1).to(tl.int64)
         x2 = (x % L2).to(tl.int64)
-        q_tok = b * sq_b + x0 * sq_0 + x1 * sq_1 + x2 * sq_2
-        do_tok = b * sdo_b + x0 * sdo_0 + x1 * sdo_1 + x2 * sdo_2
-        l_tok = b * sl_b + x0 * sl_0 + x1 * sl_1 + x2 * sl_2
-        for hq in range(0, groups_per_kv):
-            h = (h_kv * groups_per_kv + hq).to(tl.int64)
-            q = _load_rows(Q + h * sq_h + q_tok[:, None] + offs_d[None, :], row_ok, d_mask)
-            do = _load_rows(dO + h * sdo_h + do_tok[:, None] + offs_d[None, :], row_ok, d_mask)
-            lse2 = tl.load(Lse + h * sl_h + l_tok, mask=row_ok, other=0.0) * _LOG2E
-            delta = tl.load(Delta + h * sl_h + l_tok, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale - lse2[:, None]
-            p = tl.exp2(tl.where(row_ok[:, None], s, float("-inf")))
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+        q = _load_rows(Q + b * sq_b + h * sq_h + (x0 * sq_0 + x1 * sq_1 + x2 * sq_2)[:, None]
+                       + offs_d[None, :], row_ok, d_mask)
+        do = _load_rows(dO + b * sdo_b + h * sdo_h
+                        + (x0 * sdo_0 + x1 * sdo_1 + x2 * sdo_2)[:, None] + offs_d[None, :],
+                        row_ok, d_mask)
+        l_off = b * sl_b + h * sl_h + x0 * sl_0 + x1 * sl_1 + x2 * sl_2
+        lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale - lse2[:, None]
+        p = tl.exp2(tl.where(row_ok[:, None], s, float("-inf")))
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
 
     p_off = (pid_s.to(tl.int64) * sp_s + b * sp_b + hk * sp_h + cols[:, None] * sp_n
              + offs_d[None, :])

@@ -1,0 +1,265 @@
+"""The fused Triton backward kernels against autograd through the reference backend (float64).
+
+Each check runs ``launch_forward`` for ``out, lse``, then ``launch_backward`` with a random
+``dout`` (and usually a random ``dlse``), and compares all five gradients (q, k, v, additional
+keys, additional values) with ``torch.autograd.grad`` of ``(out * dout).sum() + (lse *
+dlse).sum()`` through ``gna.neighborhood_attention(..., backend="reference")`` on float64
+copies of the same inputs.
+
+Without a GPU these run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest) on
+tiny fp16/fp32 problems; on a GPU the GPU-only tests add larger cases, bf16, tf32 and head
+dims up to 256.
+
+Error bounds, relative to the float64 gradients, ``||g - ref|| / ||ref||`` per gradient.
+Measured under the interpreter (quick + extended tier, 60 cases): fp32 ieee <= 6e-7, fp16
+<= 5e-4. The bounds: fp32 ieee 1e-5, fp16 5e-3, and, on the GPU, tf32 1e-2, bf16 4e-2.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import gna
+from gna.args import normalize
+from gna.backends import Options
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+triton = pytest.importorskip("triton")
+
+from gna.triton_backend import default_config, launch_forward  # noqa: E402
+from gna.triton_backward import launch_backward  # noqa: E402
+
+REL_BOUND = {"fp32": 1e-5, "tf32": 1e-2, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+GRADS = ("dq", "dk", "dv", "dextra_k", "dextra_v")
+
+
+def _pow2_tile(rng, ndim, volume, shape):
+    """A random power-of-two tile of ``volume`` tokens, preferring axes it does not overhang."""
+    tile = [1] * ndim
+    for _ in range(int(math.log2(volume))):
+        axes = [a for a in range(ndim) if tile[a] < shape[a]] or list(range(ndim))
+        tile[rng.choice(axes)] *= 2
+    return tuple(tile)
+
+
+def _random_case(seed, small):
+    rng = random.Random(seed)
+    ndim = rng.choice([1, 2, 3])
+    limit = ({1: 40, 2: 10, 3: 6} if small else {1: 600, 2: 36, 3: 14})[ndim]
+    shape, ks, st, dl, cs = [], [], [], [], []
+    for _ in range(ndim):
+        n = rng.randint(4, limit)
+        d = rng.randint(1, min(3, n))
+        k = rng.randint(1, n // d)
+        shape.append(n)
+        ks.append(k)
+        st.append(rng.randint(1, k))
+        dl.append(d)
+        cs.append(rng.random() < 0.35)
+    heads_kv = rng.choice([1, 2])
+    heads = heads_kv * rng.choice([1, 2] if small else [1, 2, 4])
+    head_dim = rng.choice([16, 24, 32] if small else [24, 32, 64, 80, 128, 256])
+    volumes = ([16, 32], [16, 32]) if small else ([64, 128], [32, 64, 128])
+    if head_dim > 128:
+        volumes = ([64], [32, 64])
+    return dict(
+        shape=tuple(shape), kernel_size=tuple(ks), stride=tuple(st), dilation=tuple(dl),
+        is_causal=tuple(cs), heads=heads, heads_kv=heads_kv, head_dim=head_dim,
+        extra=rng.choice([0, 0, 3, 21] if small else [0, 7, 77]),
+        q_tile=_pow2_tile(rng, ndim, rng.choice(volumes[0]), shape),
+        kv_tile=_pow2_tile(rng, ndim, rng.choice(volumes[1]), shape),
+        batch=rng.choice([1, 2]), scale=rng.choice([None, 0.3]),
+        fused=rng.random() < 0.4, dlse=rng.random() < 0.7)
+
+
+def _inputs(case, dtype, seed):
+    """q, k, v (views of one fused tensor when ``case["fused"]``), extras, dout, dlse."""
+    g = torch.Generator().manual_seed(seed)
+    b, shape, h, hkv, d = (case["batch"], case["shape"], case["heads"], case["heads_kv"],
+                           case["head_dim"])
+    if case["fused"]:
+        qkv = torch.randn(b, *shape, h + 2 * hkv, d, generator=g)
+        q, k, v = qkv.split([h, hkv, hkv], dim=-2)
+    else:
+        q = torch.randn(b, *shape, h, d, generator=g)
+        k = torch.randn(b, *shape, hkv, d, generator=g)
+        v = torch.randn(b, *shape, hkv, d, generator=g)
+    ek = ev = None
+    if case["extra"]:
+        ek = torch.randn(b, case["extra"], hkv, d, generator=g)
+        ev = torch.randn(b, case["extra"], hkv, d, generator=g)
+    # dout laid out heads-first in memory: a heads-last view with non-trivial strides.
+    dout = torch.randn(b, h, *shape, d, generator=g).movedim(1, -2)
+    dlse = torch.randn(b, *shape, h, generator=g) if case["dlse"] else None
+    cast = [t if t is None else t.to(DEVICE, dtype) for t in (q, k, v, ek, ev, dout)]
+    return (*cast, None if dlse is None else dlse.to(DEVICE))
+
+
+def _reference_grads(case, q, k, v, ek, ev, dout, dlse):
+    inputs = [t if t is None else t.detach().double().requires_grad_() for t in (q, k, v, ek, ev)]
+    out, lse = gna.neighborhood_attention(
+        *inputs[:3], case["kernel_size"], case["stride"], case["dilation"], case["is_causal"],
+        scale=case["scale"], additional_keys=inputs[3], additional_values=inputs[4],
+        return_lse=True, backend="reference")
+    loss = (out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.double()).sum()
+    wrt = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(loss, wrt))
+    return [next(grads) if t is not None else None for t in inputs]
+
+
+def _run(case, dtype, precision="ieee", seed=0):
+    """Forward + fused backward; returns the inputs and the five gradients."""
+    q, k, v, ek, ev, dout, dlse = _inputs(case, dtype, seed)
+    problem = normalize(None, q, k, v, case["kernel_size"], case["stride"], case["dilation"],
+                        case["is_causal"], case["scale"], ek, ev)
+    config = default_config(problem, Options(q_tile_shape=case["q_tile"],
+                                             kv_tile_shape=case["kv_tile"]))
+    tf32 = precision == "tf32"
+    out, lse = launch_forward(q, k, v, ek, ev, problem.geometry, problem.scale, config, tf32)
+    grads = launch_backward(q, k, v, ek, ev, out, lse, dout, dlse, problem.geometry,
+                            problem.scale, config, tf32)
+    return (q, k, v, ek, ev, dout, dlse), grads
+
+
+def _errors(case, dtype, precision="ieee", seed=0):
+    """Relative error of each gradient (None where absent), checking shapes and dtypes."""
+    inputs, grads = _run(case, dtype, precision, seed)
+    refs = _reference_grads(case, *inputs)
+    errors = {}
+    for name, x, g, ref in zip(GRADS, inputs[:5], grads, refs):
+        if x is None:
+            assert g is None, f"{name} should be None without additional keys"
+            continue
+        assert g.shape == x.shape and g.dtype == x.dtype, (name, g.shape, g.dtype)
+        g = g.double().cpu()
+        ref = ref.cpu()
+        assert torch.isfinite(g).all(), f"{name}: non-finite gradient for {case}"
+        diff = g - ref
+        worst = [int(i) for i in torch.unravel_index(diff.abs().argmax(), diff.shape)]
+        errors[name] = ((diff.norm() / ref.norm().clamp_min(1e-30)).item(), worst)
+    return errors
+
+
+def _check(case, dtype, precision="ieee", seed=0):
+    key = dtype if dtype != torch.float32 else ("tf32" if precision == "tf32" else "fp32")
+    errors = _errors(case, dtype, precision, seed)
+    bad = {n: f"{e:.2e} (worst at {w})" for n, (e, w) in errors.items() if not e <= REL_BOUND[key]}
+    assert not bad, f"{case} {key}: relative error above {REL_BOUND[key]:.0e}: {bad}"
+
+
+SMALL_DTYPES = [torch.float32, torch.float16]  # the interpreter computes bf16 dots wrongly
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_backward_matches_reference_small(seed):
+    _check(_random_case(seed, small=True), SMALL_DTYPES[seed % 2], seed=seed)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("seed", range(8, 40))
+def test_backward_matches_reference_small_extended(seed):
+    _check(_random_case(seed, small=True), SMALL_DTYPES[seed % 2], seed=seed)
+
+
+def _case(**kw):
+    base = dict(heads=2, heads_kv=1, head_dim=16, extra=0, batch=1, scale=None, fused=False,
+                dlse=True)
+    return {**base, **kw}
+
+
+def test_backward_3d_dilation_causal_gqa_extra():
+    """3-D, mixed causal, dilation 2 (groups of unequal length), GQA, padded head dim, extra
+    keys, custom scale, fused qkv views."""
+    case = _case(shape=(4, 5, 6), kernel_size=(3, 2, 2), stride=(2, 1, 2), dilation=(1, 2, 1),
+                 is_causal=(True, False, True), heads=4, heads_kv=2, head_dim=24, extra=5,
+                 q_tile=(1, 2, 8), kv_tile=(2, 2, 4), scale=0.7, fused=True)
+    _check(case, torch.float32)
+
+
+def test_backward_block_sparse_is_mask_free():
+    """Stride = window = a multiple of the tiles: every tile pair is mask-free in both the
+    forward and the inverse ranges (only the kernels' unmasked loops run), and MQA."""
+    case = _case(shape=(8, 16), kernel_size=(4, 8), stride=(4, 8), dilation=(1, 1),
+                 is_causal=(False, False), heads=3, heads_kv=1, q_tile=(4, 4), kv_tile=(2, 8))
+    geo = normalize(None, *[torch.empty(1, 8, 16, 1, 16, device="meta")] * 3,
+                    case["kernel_size"], case["stride"]).geometry
+    for axis in range(2):
+        r = geo.dim(axis).inverse_tile_ranges(case["q_tile"][axis], case["kv_tile"][axis])
+        assert (r.full == r.visited).all() and (r.visited > 0).all()
+    _check(case, torch.float16, seed=3)
+
+
+def test_backward_1d_dilation_3_even_window_causal():
+    case = _case(shape=(37,), kernel_size=(4,), stride=(3,), dilation=(3,), is_causal=(True,),
+                 heads=2, heads_kv=2, q_tile=(16,), kv_tile=(16,), extra=17, batch=2)
+    _check(case, torch.float32, seed=5)
+
+
+def test_backward_without_dlse_equals_zero_dlse_and_is_deterministic():
+    case = _case(shape=(9, 7), kernel_size=(3, 5), stride=(1, 2), dilation=(2, 1),
+                 is_causal=(False, True), extra=3, q_tile=(4, 4), kv_tile=(4, 4), dlse=False)
+    inputs, grads = _run(case, torch.float32)
+    q, k, v, ek, ev, dout, _ = inputs
+    problem = normalize(None, q, k, v, case["kernel_size"], case["stride"], case["dilation"],
+                        case["is_causal"], None, ek, ev)
+    config = default_config(problem, Options(q_tile_shape=case["q_tile"],
+                                             kv_tile_shape=case["kv_tile"]))
+    out, lse = launch_forward(q, k, v, ek, ev, problem.geometry, problem.scale, config)
+    again = launch_backward(q, k, v, ek, ev, out, lse, dout, torch.zeros_like(lse),
+                            problem.geometry, problem.scale, config)
+    for name, a, b in zip(GRADS, grads, again):
+        assert torch.equal(a, b), f"{name} differs between dlse=None and dlse=0 / across runs"
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("seed", range(40))
+def test_backward_matches_reference_gpu(seed):
+    dtype = [torch.float16, torch.bfloat16, torch.float32][seed % 3]
+    _check(_random_case(1000 + seed, small=False), dtype, seed=seed)
+
+
+@gpu
+@pytest.mark.parametrize("seed", range(6))
+def test_backward_tf32_gpu(seed):
+    _check(_random_case(2000 + seed, small=False), torch.float32, precision="tf32", seed=seed)
+
+
+@gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_head_dims_gpu(head_dim, dtype):
+    case = _case(shape=(12, 20, 24), kernel_size=(5, 7, 9), stride=(2, 3, 4), dilation=(1, 2, 1),
+                 is_causal=(True, False, False), heads=4, heads_kv=2, head_dim=head_dim, extra=77,
+                 q_tile=(2, 8, 8) if head_dim <= 128 else (1, 8, 8),
+                 kv_tile=(2, 4, 8) if head_dim <= 128 else (1, 4, 8), batch=2, fused=True)
+    _check(case, dtype)
+
+
+@gpu
+def test_backward_block_sparse_3d_gpu():
+    """The perfectly block-sparse 3-D benchmark setting, scaled down: no masked tile."""
+    case = _case(shape=(16, 16, 32), kernel_size=(8, 8, 16), stride=(8, 8, 16),
+                 dilation=(1, 1, 1), is_causal=(False, False, False), heads=2, heads_kv=2,
+                 head_dim=128, q_tile=(2, 8, 8), kv_tile=(2, 4, 8), extra=0)
+    _check(case, torch.float16)
+
+
+@gpu
+def test_backward_deterministic_gpu():
+    case = _case(shape=(10, 24, 24), kernel_size=(5, 7, 7), stride=(1, 2, 2), dilation=(2, 1, 1),
+                 is_causal=(True, False, False), heads=8, heads_kv=2, head_dim=64, extra=40,
+                 q_tile=(2, 8, 8), kv_tile=(2, 4, 8), batch=2)
+    _, first = _run(case, torch.bfloat16, seed=1)
+    _, second = _run(case, torch.bfloat16, seed=1)
+    for name, a, b in zip(GRADS, first, second):
+        assert torch.equal(a, b), f"{name} is not bitwise reproducible"
