@@ -56,7 +56,8 @@ def neighborhood_attention(
         backend: None picks the fastest that can run the call; ``"reference"`` forces the
             pure-PyTorch oracle. See ``gna.backends.available()``.
         q_tile_shape, kv_tile_shape, backward_*: kernel tile shapes (kernel backends only).
-        deterministic: ask kernel backends for run-to-run identical gradients.
+        deterministic: run-to-run identical gradients. Both backends always are (the Triton
+            backward kernels use no atomics); the flag is accepted for NATTEN compatibility.
         fp32_precision: ``"ieee"`` or ``"tf32"`` for float32 inputs on kernel backends.
 
     Returns:
@@ -72,7 +73,8 @@ def neighborhood_attention(
         # and its fake implementation validates the call.
         out, lse = triton_backend.compiled_call(
             query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-            additional_values, q_tile_shape, kv_tile_shape, fp32_precision == "tf32")
+            additional_values, (q_tile_shape, kv_tile_shape, backward_q_tile_shape,
+                                backward_kv_tile_shape), fp32_precision == "tf32")
         return (out, lse) if return_lse else out
     problem = normalize(_ndim, query, key, value, kernel_size, stride, dilation, is_causal,
                         scale, additional_keys, additional_values)

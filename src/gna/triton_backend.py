@@ -5,8 +5,9 @@ Layers, bottom up: the ``@triton.jit`` kernel (:mod:`gna.kernels.forward`); :fun
 so ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque call; autograd registered on
 it; and the backend entry :func:`run` that :mod:`gna.backends` dispatches to.
 
-The backward pass currently recomputes through the reference backend (exact, but at reference
-speed and memory); fused backward kernels replace it.
+The backward pass is a second op, ``gna::na_backward``, over the fused kernels of
+:mod:`gna.kernels.backward` (launcher: :mod:`gna.triton_backward`). Every gradient element is
+written by exactly one program (no atomics), so gradients are deterministic run to run.
 """
 
 from __future__ import annotations
@@ -334,7 +335,8 @@ def na_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
     kernel_size: list[int], stride: list[int], dilation: list[int], causal: list[bool],
-    scale: float, q_tile: list[int] | None, kv_tile: list[int] | None, tf32: bool,
+    scale: float, q_tile: list[int] | None, kv_tile: list[int] | None,
+    bwd_q_tile: list[int] | None, bwd_kv_tile: list[int] | None, tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geo, config = _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile)
     return launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32)
@@ -342,36 +344,56 @@ def na_forward(
 
 @na_forward.register_fake
 def _(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, q_tile, kv_tile,
-      tf32):
+      bwd_q_tile, bwd_kv_tile, tf32):
     _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile)  # validates
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
 
 
+@torch.library.custom_op("gna::na_backward", mutates_args=())
+def na_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None,
+    kernel_size: list[int], stride: list[int], dilation: list[int], causal: list[bool],
+    scale: float, q_tile: list[int] | None, kv_tile: list[int] | None, tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward; gradients of absent additional keys/values come back empty."""
+    from .triton_backward import launch_backward  # imports this module
+
+    geo, config = _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile)
+    grads = launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo, scale,
+                            config, tf32)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@na_backward.register_fake
+def _(q, k, v, extra_k, extra_v, out, lse, dout, dlse, kernel_size, stride, dilation, causal,
+      scale, q_tile, kv_tile, tf32):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(0) if extra_k is None else torch.empty_like(extra_k),
+            q.new_empty(0) if extra_v is None else torch.empty_like(extra_v))
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, *_ = inputs
-    ctx.save_for_backward(q, k, v, extra_k, extra_v)
-    ctx.geometry_args = (kernel_size, stride, dilation, causal, scale)
+    (q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, q_tile, kv_tile,
+     bwd_q_tile, bwd_kv_tile, tf32) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
+    ctx.args = (kernel_size, stride, dilation, causal, scale,
+                bwd_q_tile if bwd_q_tile is not None else q_tile,
+                bwd_kv_tile if bwd_kv_tile is not None else kv_tile, tf32)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    # Interim backward: recompute through the reference backend (exact; reference speed).
-    from . import reference
-    from .args import normalize
-
-    q, k, v, extra_k, extra_v = ctx.saved_tensors
-    kernel_size, stride, dilation, causal, scale = ctx.geometry_args
-    inputs = [t.detach().requires_grad_() if t is not None else None
-              for t in (q, k, v, extra_k, extra_v)]
-    with torch.enable_grad():
-        problem = normalize(None, *inputs[:3], tuple(kernel_size), tuple(stride), tuple(dilation),
-                            tuple(causal), scale, *inputs[3:])
-        out, lse = reference.neighborhood_attention(problem, *inputs)
-        wrt = [t for t in inputs if t is not None]
-        grads = torch.autograd.grad((out, lse), wrt, (grad_out, grad_lse), allow_unused=True)
-    grads = iter(grads)
-    full = [next(grads) if t is not None else None for t in inputs]
-    return (*full, None, None, None, None, None, None, None, None)
+    q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
+    dq, dk, dv, dek, dev = na_backward(q, k, v, extra_k, extra_v, out, lse,
+                                       grad_out.contiguous(), grad_lse, *ctx.args)
+    if extra_k is None:
+        dek = dev = None
+    return (dq, dk, dv, dek, dev) + (None,) * 10
 
 
 na_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -383,19 +405,23 @@ def compiles(q: torch.Tensor, backend: str | None) -> bool:
         (q.is_cuda and backend in (None, "triton")) or (_interpreting() and backend == "triton"))
 
 
+def _tile_list(name, value, ndim):
+    return None if value is None else list(per_dim(name, value, ndim))
+
+
 def compiled_call(q, k, v, kernel_size, stride, dilation, is_causal, scale, extra_k, extra_v,
-                  q_tile_shape, kv_tile_shape, tf32):
-    """Entry used while torch.compile traces: per-dimension tuples in, the op out (the op's fake
-    implementation validates the geometry on fake tensors)."""
+                  tiles, tf32):
+    """Entry used while torch.compile traces: per-dimension lists in, the op out (the op's fake
+    implementation validates the geometry on fake tensors). ``tiles`` holds the forward and
+    backward Q/KV tile shapes (None for the defaults)."""
     ndim = q.dim() - 3
     kernel_size, stride, dilation = (list(per_dim(n, x, ndim)) for n, x in (
         ("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)))
     causal = list(per_dim("is_causal", is_causal, ndim, kind=bool))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    names = ("q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape")
     return na_forward(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale,
-                      None if q_tile_shape is None else list(per_dim("q_tile_shape", q_tile_shape, ndim)),
-                      None if kv_tile_shape is None else list(per_dim("kv_tile_shape", kv_tile_shape, ndim)),
-                      tf32)
+                      *(_tile_list(n, t, ndim) for n, t in zip(names, tiles)), tf32)
 
 
 # --- backend entry --------------------------------------------------------------------------
@@ -421,10 +447,11 @@ def run(problem: Problem, options: Options, q, k, v, extra_k, extra_v):
         # bounds small problems).
         config = default_config(problem, options)
         return launch_forward(q, k, v, extra_k, extra_v, geo, problem.scale, config, tf32)
+    tiles = (options.q_tile_shape, options.kv_tile_shape, options.backward_q_tile_shape,
+             options.backward_kv_tile_shape)
     return na_forward(q, k, v, extra_k, extra_v, list(geo.kernel_size), list(geo.stride),
                       list(geo.dilation), list(geo.causal), problem.scale,
-                      None if options.q_tile_shape is None else list(options.q_tile_shape),
-                      None if options.kv_tile_shape is None else list(options.kv_tile_shape), tf32)
+                      *(None if t is None else list(t) for t in tiles), tf32)
 
 
 register(Backend("triton", why_not, run), first=True)

@@ -10,6 +10,10 @@ Four launches: delta (fp32), dK/dV (one program per KV tile x dilation group x b
 head), dQ (one program per Q tile x dilation group x batch x head) and, with additional keys,
 their dK/dV as fp32 partial sums over token splits, added here in a fixed order. Everything is
 deterministic: each output element is written by exactly one program.
+
+Each kernel starts from the forward's tiles and launch options and is fitted to the device's
+shared memory (:func:`_kernel_config`): the backward keeps more tiles on chip than the
+forward (dK/dV: K, V and per stage Q, dO; dQ: Q, dO and per stage K, V).
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from .triton_backend import (
     _LOG2E,
     LaunchConfig,
     _device_tables,
+    _halve,
     _next_pow2,
     _pad3,
-    _Plan,
     _plan,
     _strides,
 )
@@ -45,23 +49,80 @@ __all__ = ["launch_backward"]
 # Programs the additional-key kernel aims for (token splits x extra tiles x batch x KV heads):
 # enough to fill an H100's 132 SMs a few times over when there are few extra tiles.
 _EXTRA_TARGET_PROGRAMS = 512
-_DELTA_BLOCK = 64  # tokens per program of the delta kernel
+_DELTA_TOKENS = 64  # tokens per program of the delta kernel (halved for head_dim 256)
+_H100_SHARED = 232448  # bytes of shared memory a block may opt into (also the interpreter's)
+_MIN_TILE = 16  # tokens: the smallest tile tl.dot accepts
+
+
+# --- launch configuration -----------------------------------------------------------------
+
+# Shared memory (bytes) of each kernel as Triton 3.6 lays it out for sm_90, for Q / KV tile
+# volumes m, n, padded head dim d, element size e and software-pipelining depth `stages`.
+# Fitted to AOT compiles (triton.compile for GPUTarget("cuda", 90, 32), fp16 and tf32, head
+# dims 32-256, tiles 32-128 tokens): exact for fp16 (e.g. dK/dV, m=128, n=64, d=128:
+# 114688 / 184320 / 253952 bytes at 1 / 2 / 3 stages); an upper bound for fp32, whose
+# transposed operands get extra copies (tf32 wgmma takes K-major operands only).
+def _dq_shared(m, n, d, e, stages):
+    # Q and dO resident; K and V per stage; fp32: a transposed copy of K for dS @ K.
+    return e * d * (2 * m + 2 * n * stages) + (e * d * n if e == 4 else 0)
+
+
+def _dkdv_shared(m, n, d, e, stages):
+    # K and V resident; per stage Q, dO and 8 per-row vectors (LSE, delta, windows); P^T and
+    # dS^T staged for the second GEMMs; fp32: transposed copies of Q, dO and P/dS.
+    fp32 = e * d * 2 * m + e * m * n if e == 4 else 0
+    return e * d * 2 * n + stages * (e * d * 2 * m + 32 * m) + e * m * n + fp32
 
 
 @dataclass(frozen=True)
-class _BackwardPlan:
-    """The forward plan plus the inverse (KV tile -> Q tiles) table of the dK/dV kernel."""
+class _KernelConfig:
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    num_warps: int
+    num_stages: int
 
-    forward: _Plan
+
+@functools.lru_cache(maxsize=256)
+def _kernel_config(kind: str, config: LaunchConfig, elem: int, head_dim_p2: int,
+                   shared_limit: int) -> _KernelConfig:
+    """Tiles and launch options of the ``"dq"`` or ``"dkdv"`` kernel (the additional-key
+    kernel shares dK/dV's): the forward's, with the most pipelining stages (up to
+    ``config.num_stages``) that fit ``shared_limit``; if even one stage does not fit, the
+    tile that is re-read per stage is halved first (dQ: KV tile; dK/dV: Q tile), then the
+    other. Eight warps once the tiles are large: at d=128, 128x64 tiles, four warps spill
+    3 KB per thread on sm_90 (ptxas -v), eight ~0.2 KB."""
+    shared = _dq_shared if kind == "dq" else _dkdv_shared
+    tiles = [tuple(config.q_tile), tuple(config.kv_tile)]
+    order = (1, 0) if kind == "dq" else (0, 1)
+    while True:
+        m, n = math.prod(tiles[0]), math.prod(tiles[1])
+        stages = next((s for s in range(config.num_stages, 0, -1)
+                       if shared(m, n, head_dim_p2, elem, s) <= shared_limit), 0)
+        shrinkable = [i for i in order if math.prod(tiles[i]) > _MIN_TILE]
+        if stages or not shrinkable:
+            break
+        tiles[shrinkable[0]] = _halve(tiles[shrinkable[0]], 2)
+    m, n = math.prod(tiles[0]), math.prod(tiles[1])
+    num_warps = 8 if m * max(n, head_dim_p2) >= 8192 else config.num_warps
+    return _KernelConfig(tiles[0], tiles[1], num_warps, max(stages, 1))
+
+
+# --- geometry tables ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _InversePlan:
+    """Per KV tile the Q tiles that see it: the dK/dV kernel's iteration space."""
+
     n_kv_tiles: tuple[int, int, int]  # KV tiles per dimension of dilation group 0
     inv: np.ndarray
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_plan(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> _BackwardPlan:
+def _inverse_plan(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> _InversePlan:
     """``inv[a, g, j] = (first, last, full_first, full_last)``: the Q tiles of dilation group
-    ``g`` along axis ``a`` that see KV tile ``j`` (any query / all queries seeing all of it).
-    Entries past a shorter group's end stay zero: empty ranges, nothing visited."""
+    ``g`` along axis ``a`` that see KV tile ``j`` (any query / all queries seeing all of it),
+    padded to 3 dimensions like the forward's ``_plan``. Entries past a shorter group's end
+    stay zero: empty ranges, nothing visited."""
     plan = _plan(geo, q_tile, kv_tile)
     geo3 = plan.geo3
     lengths = [group_length(n, d, 0) for n, d in zip(geo3.shape, geo3.dilation)]
@@ -72,25 +133,34 @@ def _backward_plan(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> _BackwardPla
             r = geo3.dim(axis, g).inverse_tile_ranges(plan.q_tile[axis], plan.kv_tile[axis])
             inv[axis, g, : len(r.first)] = np.stack(
                 [r.first, r.last, r.full_first, r.full_last], axis=1)
-    return _BackwardPlan(plan, n_kv, inv)
+    return _InversePlan(n_kv, inv)
 
 
 _DEVICE_INV: dict = {}
 
 
-def _device_inv(plan: _BackwardPlan, device: torch.device) -> torch.Tensor:
-    """The inverse table on ``device``; made once, so CUDA graph capture finds it ready."""
-    fwd = plan.forward
-    key = (fwd.geo3, fwd.q_tile, fwd.kv_tile, device)
+def _device_inv(geo: Geometry, q_tile, kv_tile, device: torch.device):
+    """The inverse plan and its table on ``device``; made once, so CUDA graph capture finds
+    it ready."""
+    plan = _inverse_plan(geo, q_tile, kv_tile)
+    key = (geo, q_tile, kv_tile, device)
     inv = _DEVICE_INV.get(key)
     if inv is None:
         inv = torch.from_numpy(plan.inv).to(device)
         _DEVICE_INV[key] = inv
-    return inv
+    return plan, inv
 
+
+# --- launcher -----------------------------------------------------------------------------
 
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _shared_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _H100_SHARED  # the interpreter has no limit; plan as for an H100
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
@@ -104,8 +174,9 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         extra_k, extra_v: ``[batch, n_extra, heads_kv, head_dim]`` or None.
         out, lse: the forward's output and float32 natural-log LSE ``[batch, *spatial, heads]``.
         dout: gradient of ``out``; dlse: gradient of ``lse`` (None means zero).
-        geo, scale: the forward's geometry and softmax scale; config: tile shapes and launch
-            options (the forward's tiles work here too).
+        geo, scale: the forward's geometry and softmax scale.
+        config: the forward's tiles and launch options; each kernel starts from them and is
+            fitted to the device's shared memory.
         tf32: fp32 inputs multiply in TF32 instead of IEEE fp32.
 
     Returns ``(dq, dk, dv, dextra_k, dextra_v)`` with the inputs' shapes and dtypes
@@ -116,14 +187,12 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
     groups_per_kv = heads // heads_kv
-    plan = _backward_plan(geo, tuple(config.q_tile), tuple(config.kv_tile))
-    fwd = plan.forward
-    win, rng = _device_tables(fwd, q.device)
-    inv = _device_inv(plan, q.device)
     head_dim_p2 = _next_pow2(max(head_dim, 16))
+    limit = _shared_limit(q.device)
+    dq_config = _kernel_config("dq", config, q.element_size(), head_dim_p2, limit)
+    dkdv_config = _kernel_config("dkdv", config, q.element_size(), head_dim_p2, limit)
     precision = "tf32" if tf32 else "ieee"
     qk_scale = scale * _LOG2E
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
     # delta = rowsum(dO * O) - dlse, fp32, laid out like a contiguous lse (as are lse, dlse).
     lse = lse.contiguous()
@@ -132,29 +201,35 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         dlse = dlse.to(torch.float32).contiguous()
     s = delta.stride()
     l_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
-    lengths = fwd.geo3.shape
+    lengths = _pad3(geo.shape, 1)
     num_tokens = math.prod(lengths)
-    gna_backward_delta_kernel[(triton.cdiv(num_tokens, _DELTA_BLOCK), batch * heads)](
+    delta_tokens = _DELTA_TOKENS * 128 // max(head_dim_p2, 128)
+    gna_backward_delta_kernel[(triton.cdiv(num_tokens, delta_tokens), batch * heads)](
         out, dout, dlse if dlse is not None else delta, delta,
         *_strides(out, ndim), *_strides(dout, ndim), *l_strides,
-        lengths[1], lengths[2], num_tokens, heads, head_dim,
-        BLOCK_M=_DELTA_BLOCK, HEAD_DIM=head_dim_p2, HAS_DLSE=dlse is not None, num_warps=4)
+        lengths[1], lengths[2], num_tokens, heads,
+        BLOCK_M=delta_tokens, HEAD_DIM=head_dim_p2, head_dim=head_dim,
+        HAS_DLSE=dlse is not None, num_warps=4)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    tiles = (*fwd.q_tile, *fwd.kv_tile)
-    table_strides = (*win.stride()[:3],)
-    geo_args = (*fwd.geo3.shape, *fwd.geo3.dilation)
-    n_groups = math.prod(fwd.geo3.dilation)
 
-    gna_backward_dkdv_kernel[(math.prod(plan.n_kv_tiles), n_groups, batch * heads_kv)](
+    # dK, dV: per KV tile, the inverse range of Q tiles.
+    c = dkdv_config
+    plan = _plan(geo, c.q_tile, c.kv_tile)
+    win, _ = _device_tables(plan, q.device)
+    inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
+    geo_args = (*plan.geo3.shape, *plan.geo3.dilation)
+    n_groups = math.prod(plan.geo3.dilation)
+    gna_backward_dkdv_kernel[(math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv)](
         q, k, v, dout, lse, delta, dk, dv, win, inv,
         *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
         *l_strides, *_strides(dk, ndim), *_strides(dv, ndim),
-        *geo_args, *plan.n_kv_tiles, *table_strides, *inv.stride()[:3],
-        heads_kv, groups_per_kv, head_dim, qk_scale, scale,
-        *tiles, HEAD_DIM=head_dim_p2, PRECISION=precision, **launch)
+        *geo_args, *inv_plan.n_kv_tiles, *win.stride()[:3], *inv.stride()[:3],
+        heads_kv, groups_per_kv, qk_scale, scale,
+        *plan.q_tile, *plan.kv_tile, HEAD_DIM=head_dim_p2, head_dim=head_dim,
+        PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
 
     if extra_k is not None:
         extra_k, extra_v = _unit_last(extra_k), _unit_last(extra_v)
@@ -165,25 +240,30 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         extra_strides = (0,) * 6
         num_extra = 0
 
-    gna_backward_dq_kernel[(math.prod(fwd.n_tiles), n_groups, batch * heads)](
+    # dQ: per Q tile, the forward's range of KV tiles, then the additional keys.
+    c = dq_config
+    plan = _plan(geo, c.q_tile, c.kv_tile)
+    win, rng = _device_tables(plan, q.device)
+    gna_backward_dq_kernel[(math.prod(plan.n_tiles), n_groups, batch * heads)](
         q, k, v, extra_k, extra_v, dout, lse, delta, dq, win, rng,
         *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
         *l_strides, *_strides(dq, ndim), *extra_strides,
-        *geo_args, *fwd.n_tiles, *table_strides, *rng.stride()[:3],
-        heads, groups_per_kv, head_dim, num_extra, qk_scale, scale,
-        *tiles, HEAD_DIM=head_dim_p2, PAD_D=head_dim_p2 != head_dim, HAS_EXTRA=num_extra > 0,
-        PRECISION=precision, **launch)
+        *geo_args, *plan.n_tiles, *win.stride()[:3], *rng.stride()[:3],
+        heads, groups_per_kv, num_extra, qk_scale, scale,
+        *plan.q_tile, *plan.kv_tile, HEAD_DIM=head_dim_p2, head_dim=head_dim,
+        HAS_EXTRA=num_extra > 0, PRECISION=precision,
+        num_warps=c.num_warps, num_stages=c.num_stages)
 
     if num_extra == 0:
         return dq, dk, dv, None, None
     dextra_k, dextra_v = _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides,
-                                       lengths, ndim, scale, qk_scale, config, head_dim_p2,
-                                       precision)
+                                       lengths, ndim, scale, qk_scale, dkdv_config,
+                                       head_dim_p2, precision)
     return dq, dk, dv, dextra_k, dextra_v
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,
-                  qk_scale, config, head_dim_p2, precision):
+                  qk_scale, config: _KernelConfig, head_dim_p2, precision):
     """dK/dV of the additional keys: fp32 partial sums over token splits, then a sum over the
     splits in a fixed order (deterministic)."""
     batch, num_extra, heads_kv, head_dim = extra_k.shape
@@ -201,8 +281,8 @@ def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndi
         *_strides(q, ndim), *_strides(dout, ndim), *l_strides,
         *extra_k.stride()[:3], *extra_v.stride()[:3], *part.stride()[1:5],
         lengths[1], lengths[2], num_tokens, per_split,
-        heads_kv, q.shape[-2] // heads_kv, head_dim, num_extra, qk_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim_p2, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        heads_kv, q.shape[-2] // heads_kv, num_extra, qk_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim_p2, head_dim=head_dim,
+        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
     grads = part.sum(1)
     return (grads[0] * scale).to(extra_k.dtype), grads[1].to(extra_v.dtype)

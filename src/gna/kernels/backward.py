@@ -110,6 +110,10 @@ def _in_window(x0, x1, x2, ws0, we0, ws1, we1, ws2, we2):
 
 @triton.jit
 def _load_rows(ptrs, row_ok, d_mask):
+    """Rows of a ``[rows, HEAD_DIM]`` tile; rows not ``row_ok`` and padding columns read 0.
+    ``head_dim`` is a constexpr in every kernel so that the compiler sees the column mask
+    constant over 8-element groups (or all true): the load then vectorizes and the software
+    pipeliner turns it into asynchronous copies."""
     return tl.load(ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
 
 
@@ -121,8 +125,9 @@ def gna_backward_delta_kernel(
     so_b, so_0, so_1, so_2, so_h,
     sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
     sl_b, sl_0, sl_1, sl_2, sl_h,  # Delta and dLse (same layout)
-    L1, L2, num_tokens, heads, head_dim,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr,
+    L1, L2, num_tokens, heads,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, head_dim: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
     """``delta = rowsum(dO * O) - dlse`` in fp32 for ``BLOCK_M`` tokens of one batch, head."""
     pid_bh = tl.program_id(1)
@@ -213,10 +218,10 @@ def gna_backward_dkdv_kernel(
     L0, L1, L2, D0, D1, D2,  # full sizes and dilations of the (padded) 3 dimensions
     NK0, NK1, NK2,  # KV tiles per dimension of dilation group 0 (the longest)
     win_s0, win_s1, win_s2, inv_s0, inv_s1, inv_s2,  # strides of the geometry tables
-    heads_kv, groups_per_kv, head_dim, qk_scale, scale,
+    heads_kv, groups_per_kv, qk_scale, scale,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one KV tile, one batch, one KV head. Tiles past the end of a shorter dilation
     group have empty ranges and masked stores."""
@@ -344,10 +349,10 @@ def gna_backward_dq_kernel(
     L0, L1, L2, D0, D1, D2,
     NT0, NT1, NT2,  # Q tiles per dimension of dilation group 0 (the longest)
     win_s0, win_s1, win_s2, rng_s0, rng_s1, rng_s2,
-    heads, groups_per_kv, head_dim, num_extra, qk_scale, scale,
+    heads, groups_per_kv, num_extra, qk_scale, scale,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, HAS_EXTRA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dQ of one Q tile, one batch, one head: the forward's KV iteration, then the extra keys."""
@@ -422,7 +427,7 @@ def gna_backward_dq_kernel(
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
         k_ptrs = k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2 + k_col[:, None] + offs_d[None, :]
         v_ptrs = v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2 + v_col[:, None] + offs_d[None, :]
-        if PAD_D:
+        if HEAD_DIM != head_dim:
             k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
         else:
@@ -479,9 +484,9 @@ def gna_backward_extra_kernel(
     sek_b, sek_n, sek_h, sev_b, sev_n, sev_h,
     sp_s, sp_b, sp_n, sp_h,  # fp32 partial sums dEK, dEV: [split, batch, n_extra, heads_kv, d]
     L1, L2, num_tokens, tokens_per_split,
-    heads_kv, groups_per_kv, head_dim, num_extra, qk_scale,
+    heads_kv, groups_per_kv, num_extra, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PRECISION: tl.constexpr,
+    head_dim: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Partial dK/dV (unscaled dK) of ``BLOCK_N`` additional keys over one contiguous range of
     query tokens (all dilation groups alike: every query sees every additional key), summed
