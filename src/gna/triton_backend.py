@@ -265,24 +265,25 @@ def _scratch_allocator(needed: bool):
 
 def _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, ndim, lse_strides,
             extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32, config):
-    args = (q, k, v, extra_k, extra_v, out, lse, win, rng,
-            *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
-            *lse_strides, *extra_strides,
-            *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
-            *win.stride()[:3], *rng.stride()[:3],
-            heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
+    tensors = (q, k, v, extra_k, extra_v, out, lse, win, rng)
+    scalars = (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
+               *lse_strides, *extra_strides,
+               *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
+               *win.stride()[:3], *rng.stride()[:3],
+               heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
     constexprs = (*plan.q_tile, *plan.kv_tile, head_dim_p2, head_dim_p2 != head_dim,
                   num_extra > 0, "tf32" if tf32 else "ieee", config.use_tma,
                   config.warp_specialize)
     try:
-        _launch_cached(gna_forward_kernel, grid, args, constexprs, config)
+        _launch_cached(gna_forward_kernel, grid, tensors, scalars, constexprs, config)
     except RuntimeError as e:
         # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
         # ("PassManager::run failed"); those run without it.
         if not config.warp_specialize or "PassManager" not in str(e):
             raise
         config = dataclasses.replace(config, warp_specialize=False)
-        _launch_cached(gna_forward_kernel, grid, args, (*constexprs[:-1], False), config)
+        _launch_cached(gna_forward_kernel, grid, tensors, scalars, (*constexprs[:-1], False),
+                       config)
 
 
 def _launch_hooks_set() -> bool:
@@ -296,22 +297,22 @@ _FORWARD_CONSTEXPRS = ("T0", "T1", "T2", "K0", "K1", "K2", "HEAD_DIM", "PAD_D", 
 _COMPILED: dict = {}
 
 
-def _launch_cached(kernel, grid, args, constexprs, config):
-    """Launch ``kernel``, skipping Triton's per-call argument specialization when an earlier
-    launch had the same dtypes, scalar arguments and pointer alignments (so the same
-    specialization). That dispatch costs ~100 us of host time per call on the H100 box, more
-    than the whole GPU time of a 32k-token 1-D problem."""
-    key = (kernel, config, constexprs, args[0].device,
-           *((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args))
+def _launch_cached(kernel, grid, tensors, scalars, constexprs, config):
+    """Launch ``kernel(*tensors, *scalars, *constexprs)``, skipping Triton's per-call argument
+    specialization when an earlier launch had the same dtypes, pointer alignments and scalar
+    arguments (hence the same specialization). That dispatch cost ~100 us of host time per call
+    on the H100 box, more than the whole GPU time of a 32k-token 1-D problem."""
+    key = (kernel, config, constexprs, tensors[0].device, scalars,
+           tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 for t in tensors))
     compiled = _COMPILED.get(key)
     if compiled is not None and not _launch_hooks_set():
-        stream = torch.cuda.current_stream(args[0].device).cuda_stream
+        stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *constexprs)
+                     compiled.packed_metadata, None, None, None, *tensors, *scalars, *constexprs)
         return
-    compiled = kernel[grid](*args, **dict(zip(_FORWARD_CONSTEXPRS, constexprs)),
+    compiled = kernel[grid](*tensors, *scalars, **dict(zip(_FORWARD_CONSTEXPRS, constexprs)),
                             num_warps=config.num_warps, num_stages=config.num_stages)
-    if args[0].is_cuda and hasattr(compiled, "packed_metadata"):
+    if tensors[0].is_cuda and hasattr(compiled, "packed_metadata"):
         _COMPILED[key] = compiled
 
 

@@ -82,24 +82,46 @@ class _KernelConfig:
     num_stages: int
 
 
+# KV tile tokens x padded head dim, at most. Measured on H100 (fp16, d=128, 24 heads, ms of
+# dK/dV + dQ), Q tile 128 tokens with KV tile 128 vs 64 tokens: 3-D 30x48x80 window 18x24x24
+# stride 16x8x8: 118 + 40 vs 100 + 39; stride 1: 317 + 102 vs 210 + 82; 2-D 256x256 window
+# 80x80 stride 16: 36 + 15 vs 35 + 14; stride 1: 60 + 22 vs 47 + 18. (dK/dV keeps K, V and
+# its dK, dV accumulators on chip: 128 x 128 fp32 accumulators spill at 8 warps.)
+_MAX_KV_ELEMENTS = 64 * 128
+
+# fp32 without TF32 multiplies on CUDA cores (no tensor-core fp32 MMA): Triton unrolls each
+# tl.dot into FMAs, and beyond M * N * d = 32 * 32 * 128 per GEMM the sm_90 code spills tens of
+# KB per thread and takes minutes to compile (128x64 tiles, d=128: 88 KB spills, ~40 s per
+# kernel; 16x16: none, 2 s).
+_FMA_DOT_VOLUME = 32 * 32 * 128
+
+
 @functools.lru_cache(maxsize=256)
 def _kernel_config(kind: str, config: LaunchConfig, elem: int, head_dim_p2: int,
-                   shared_limit: int) -> _KernelConfig:
+                   shared_limit: int, fma_dots: bool = False) -> _KernelConfig:
     """Tiles and launch options of the ``"dq"`` or ``"dkdv"`` kernel (the additional-key
-    kernel shares dK/dV's): the forward's, with the most pipelining stages (up to
-    ``config.num_stages``) that fit ``shared_limit``; if even one stage does not fit, the
-    tile that is re-read per stage is halved first (dQ: KV tile; dK/dV: Q tile), then the
-    other. Eight warps once the tiles are large: at d=128, 128x64 tiles, four warps spill
-    3 KB per thread on sm_90 (ptxas -v), eight ~0.2 KB."""
-    shared = _dq_shared if kind == "dq" else _dkdv_shared
+    kernel shares dK/dV's), starting from the forward's:
+
+    1. KV tiles of at most ``_MAX_KV_ELEMENTS / head_dim`` tokens (halved until they are);
+    2. the most pipelining stages (up to ``config.num_stages``) that fit ``shared_limit``; if
+       even one stage does not fit (or, with ``fma_dots``, the GEMMs are too large for
+       CUDA-core code), the tile re-read per iteration is halved (dQ: KV tile; dK/dV: Q
+       tile), then the other;
+    3. eight warps once the tiles are large: at d=128, 128x64 tiles, four warps spill ~3 KB
+       per thread on sm_90 (ptxas -v), eight ~0.2 KB.
+    """
     tiles = [tuple(config.q_tile), tuple(config.kv_tile)]
+    while _MIN_TILE < math.prod(tiles[1]) and math.prod(tiles[1]) * head_dim_p2 > _MAX_KV_ELEMENTS:
+        tiles[1] = _halve(tiles[1], 2)
+    shared = _dq_shared if kind == "dq" else _dkdv_shared
     order = (1, 0) if kind == "dq" else (0, 1)
     while True:
         m, n = math.prod(tiles[0]), math.prod(tiles[1])
         stages = next((s for s in range(config.num_stages, 0, -1)
                        if shared(m, n, head_dim_p2, elem, s) <= shared_limit), 0)
+        fits = stages and not (fma_dots and m * n * head_dim_p2 > _FMA_DOT_VOLUME)
         shrinkable = [i for i in order if math.prod(tiles[i]) > _MIN_TILE]
-        if stages or not shrinkable:
+        if fits or not shrinkable:
             break
         tiles[shrinkable[0]] = _halve(tiles[shrinkable[0]], 2)
     m, n = math.prod(tiles[0]), math.prod(tiles[1])
@@ -189,8 +211,10 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     groups_per_kv = heads // heads_kv
     head_dim_p2 = _next_pow2(max(head_dim, 16))
     limit = _shared_limit(q.device)
-    dq_config = _kernel_config("dq", config, q.element_size(), head_dim_p2, limit)
-    dkdv_config = _kernel_config("dkdv", config, q.element_size(), head_dim_p2, limit)
+    fma_dots = q.dtype == torch.float32 and not tf32
+    dq_config = _kernel_config("dq", config, q.element_size(), head_dim_p2, limit, fma_dots)
+    dkdv_config = _kernel_config("dkdv", config, q.element_size(), head_dim_p2, limit,
+                                 fma_dots)
     precision = "tf32" if tf32 else "ieee"
     qk_scale = scale * _LOG2E
 

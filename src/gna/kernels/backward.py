@@ -187,12 +187,16 @@ def _dkdv_step(
     l_off = l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2 + h * sl_h + l_row
     lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
-    # Scores [queries, keys]: the Q tile is the GEMM's M side (wgmma wants 64-row warpgroups
-    # on M; the KV tile there would replicate the scores over warps and spill).
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
     if MASKED:
         ws0, we0, ws1, we1, ws2, we2 = _load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
                                                      i0, i1, i2, row_ok)
+    # Scores [queries, keys]: the Q tile is the GEMMs' M side (wgmma wants 64-row warpgroups
+    # there); P and dS reach the dV / dK GEMMs transposed. The transposed orientation (keys on
+    # M, P^T straight from registers, as Triton's tutorial does) measured slower on H100 (fp16,
+    # d=128, 3-D 30x48x80x24, stride 16x8x8 / 1): Q 64 / KV 128 transposed 124 / 359 ms vs
+    # Q 128 / KV 64 here 100 / 210 ms.
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
+    if MASKED:
         seen = _in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
                           ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
         s = tl.where(seen, s, float("-inf"))
