@@ -11,8 +11,10 @@ tiny fp16/fp32 problems; on a GPU the GPU-only tests add larger cases, bf16, tf3
 dims up to 256.
 
 Error bounds, relative to the float64 gradients, ``||g - ref|| / ||ref||`` per gradient.
-Measured under the interpreter (quick + extended tier, 60 cases): fp32 ieee <= 6e-7, fp16
-<= 5e-4. The bounds: fp32 ieee 1e-5, fp16 5e-3, and, on the GPU, tf32 1e-2, bf16 4e-2.
+Measured (worst gradient per case): interpreter, 40 small cases: fp32 ieee median 2.5e-7, max
+4.4e-7; fp16 median 3.6e-4, max 5.6e-4. H100, large cases (head dims up to 256): fp16
+3.0e-4 to 5.3e-4, bf16 2.4e-3 to 4.1e-3. Bounds: fp32 ieee 1e-5, fp16 5e-3, bf16 2e-2, and
+fp32 with TF32 1e-2.
 """
 
 import itertools
@@ -30,10 +32,16 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 triton = pytest.importorskip("triton")
 
-from gna.triton_backend import default_config, launch_forward  # noqa: E402
+from gna import triton_backward  # noqa: E402
+from gna.triton_backend import (  # noqa: E402
+    _CANDIDATE_TILES,
+    _halve,
+    default_config,
+    launch_forward,
+)
 from gna.triton_backward import launch_backward  # noqa: E402
 
-REL_BOUND = {"fp32": 1e-5, "tf32": 1e-2, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+REL_BOUND = {"fp32": 1e-5, "tf32": 1e-2, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRADS = ("dq", "dk", "dv", "dextra_k", "dextra_v")
 
 
@@ -223,8 +231,6 @@ def test_backward_kernels_fitted_to_shared_memory(monkeypatch):
     """With too little shared memory for the forward's tiles, dK/dV halves its Q tile and dQ
     keeps its tiles at fewer stages: the two kernels then walk different tilings (and
     tables), and the gradients stay exact."""
-    from gna import triton_backward
-
     case = _case(shape=(6, 11), kernel_size=(3, 4), stride=(2, 1), dilation=(1, 2),
                  is_causal=(False, False), heads=2, heads_kv=2, extra=9, q_tile=(4, 8),
                  kv_tile=(4, 8))
@@ -245,9 +251,6 @@ def test_backward_kernel_config_defaults_fit_h100():
     """The forward's default tiles, fitted per backward kernel, fit an H100 by the shared
     memory model (the model itself was checked against sm_90 AOT compiles), with KV tiles
     capped by head dim."""
-    from gna import triton_backward
-    from gna.triton_backend import _CANDIDATE_TILES, _halve
-
     for (q_tile, kv_tiles), head_dim, elem in itertools.product(
             _CANDIDATE_TILES.values(), (32, 64, 128, 256), (2, 4)):
         shrink = 2 if head_dim > 128 else 1
