@@ -243,7 +243,7 @@ def test_backward_kernels_fitted_to_shared_memory(monkeypatch):
     assert math.prod(dkdv.q_tile) == 16 and dkdv.kv_tile == (4, 8), dkdv
     assert triton_backward._dq_shared(32, 32, 16, 2, dq.num_stages) <= limit
     assert triton_backward._dkdv_shared(16, 32, 16, 2, dkdv.num_stages) <= limit
-    monkeypatch.setattr(triton_backward, "_shared_limit", lambda device: limit)
+    monkeypatch.setattr(triton_backward, "shared_limit", lambda device: limit)
     _check(case, torch.float16, seed=11)
 
 

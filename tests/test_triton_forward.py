@@ -170,6 +170,29 @@ def test_triton_backend_rejects_float64_and_bad_tiles():
         gna.na2d(q, q, q, 3, backend="triton", q_tile_shape=(3, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+def test_default_config_fits_shared_memory(dtype, head_dim):
+    """Default tiles and stages fit an H100's shared memory for every dtype and head dim (fp32
+    at d=128/256 did not before the fitting; the compiler refused to launch)."""
+    from gna.triton_backend import H100_SHARED, _forward_shared, _next_pow2
+
+    for shape, window, stride in [((32768,), 2048, 1), ((256, 256), 80, 16),
+                                  ((30, 48, 80), (18, 24, 24), 1)]:
+        q = torch.empty(1, *shape, 1, head_dim, device="meta", dtype=dtype)
+        config = default_config(normalize(None, q, q, q, window, stride), Options())
+        need = _forward_shared(config.q_tile, config.kv_tile, _next_pow2(head_dim),
+                               q.element_size(), config.num_stages)
+        assert need <= H100_SHARED, (shape, dtype, head_dim, config, need)
+
+
+def test_oversized_user_tiles_raise_with_advice():
+    q = torch.empty(1, 64, 64, 1, 256, device="meta", dtype=torch.float32)
+    problem = normalize(None, q, q, q, 7)
+    with pytest.raises(ValueError, match="shared memory.*pass smaller tiles"):
+        default_config(problem, Options(q_tile_shape=(16, 16), kv_tile_shape=(16, 16)))
+
+
 def test_default_tiles_make_block_sparse_settings_mask_free():
     """With the default tiles, the perfectly block-sparse benchmark settings visit no partial
     KV tile (the kernel's masked loop is empty), per the geometry the kernel reads."""

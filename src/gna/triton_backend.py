@@ -107,7 +107,13 @@ def _fit(tile: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, ...]:
 
 def default_config(problem: Problem, options: Options) -> LaunchConfig:
     return _default_config_cached(problem.geometry, problem.head_dim, options.q_tile_shape,
-                                  options.kv_tile_shape, _has_tma(problem.device))
+                                  options.kv_tile_shape, _has_tma(problem.device),
+                                  problem.dtype.itemsize, _shared_limit(problem.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_limit(device: torch.device) -> int:
+    return shared_limit(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,16 +123,37 @@ def _has_tma(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+H100_SHARED = 232448  # bytes of shared memory a block may opt into on an H100
+
+
+def shared_limit(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (the interpreter plans as an H100)."""
+    if device.type != "cuda":
+        return H100_SHARED
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _forward_shared(q_tile, kv_tile, head_dim: int, elem: int, stages: int) -> int:
+    """Shared memory of the forward kernel: Q resident, K and V per pipeline stage. Matches the
+    compiler's figures on sm_90: fp16 d=128 128/128 tiles 3 stages 229,376 B; fp32 d=128
+    128/64 3 stages 262,144 B; fp32 d=256 64/64 2 stages 327,680 B (the last two over an
+    H100's limit, which is why the fitting below exists)."""
+    m, n = math.prod(q_tile), math.prod(kv_tile)
+    return elem * head_dim * (m + 2 * n * stages)
+
+
 @functools.lru_cache(maxsize=1024)
-def _default_config_cached(geo: Geometry, head_dim: int, q_tile, kv_tile,
-                           tma: bool = False) -> LaunchConfig:
+def _default_config_cached(geo: Geometry, head_dim: int, q_tile, kv_tile, tma: bool = False,
+                           elem: int = 2, limit: int = H100_SHARED) -> LaunchConfig:
     """Tile shapes and launch options; TMA (with Triton's warp specialization where it was
     measured to help) on Hopper. K/V through TMA beat per-row pointers on every benchmark
     problem (H100 fp16 d=128: 2-D w80 18.4 -> 15.4 ms, 3-D w18x24x24 78.3 -> 70.1 ms,
-    benchmarks/results/forward_sweep.jsonl)."""
+    benchmarks/results/forward_sweep.jsonl). Default tiles shrink, and stages drop, until the
+    kernel fits ``limit`` bytes of shared memory for ``elem``-byte inputs."""
     lengths = tuple(group_length(n, d, 0) for n, d in zip(geo.shape, geo.dilation))
     q_target, kv_targets = _CANDIDATE_TILES[geo.ndim]
     shrink = 2 if head_dim > 128 else 1
+    user_q, user_kv = q_tile, kv_tile
     q_tile = q_tile or _fit(_halve(q_target, shrink), lengths)
     if kv_tile is None:
         candidates = {_fit(_halve(t, shrink), lengths) for t in kv_targets}
@@ -136,11 +163,26 @@ def _default_config_cached(geo: Geometry, head_dim: int, q_tile, kv_tile,
             raise ValueError(f"{name} entries must be powers of two, got {name}={tile}")
         if math.prod(tile) < 16:
             raise ValueError(f"{name} must hold at least 16 tokens (tl.dot), got {name}={tile}")
-    head_dim = _next_pow2(head_dim)
+    head_dim = _next_pow2(max(head_dim, 16))
+    stages = 3 if head_dim <= 128 else 2
+    while _forward_shared(q_tile, kv_tile, head_dim, elem, stages) > limit:
+        if stages > 2:
+            stages -= 1
+        elif user_kv is None and math.prod(kv_tile) > 16:
+            kv_tile = _halve(kv_tile, 2)
+        elif user_q is None and math.prod(q_tile) > 16:
+            q_tile = _halve(q_tile, 2)
+        elif stages > 1:
+            stages -= 1
+        else:
+            raise ValueError(
+                f"q_tile_shape={q_tile} with kv_tile_shape={kv_tile} needs "
+                f"{_forward_shared(q_tile, kv_tile, head_dim, elem, 1)} bytes of shared memory "
+                f"at head_dim {head_dim} ({elem}-byte inputs), over this GPU's {limit}; pass "
+                f"smaller tiles")
     big = math.prod(q_tile) >= 128 and head_dim >= 64
-    return LaunchConfig(q_tile, kv_tile, num_warps=8 if big else 4,
-                        num_stages=3 if head_dim <= 128 else 2, use_tma=tma,
-                        warp_specialize=tma and _WARP_SPECIALIZE[geo.ndim])
+    return LaunchConfig(q_tile, kv_tile, num_warps=8 if big else 4, num_stages=stages,
+                        use_tma=tma, warp_specialize=tma and _WARP_SPECIALIZE[geo.ndim])
 
 
 def _pad3(values, fill):
@@ -327,7 +369,8 @@ def _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_ti
     geo = normalize_geometry(q.shape[1:-2], tuple(kernel_size), tuple(stride), tuple(dilation),
                              tuple(causal))
     config = _default_config_cached(geo, q.shape[-1], tuple(q_tile) if q_tile else None,
-                                    tuple(kv_tile) if kv_tile else None, _has_tma(q.device))
+                                    tuple(kv_tile) if kv_tile else None, _has_tma(q.device),
+                                    q.element_size(), _shared_limit(q.device))
     return geo, config
 
 

@@ -35,6 +35,8 @@ from .kernels.backward import (
 )
 from .triton_backend import (
     _LOG2E,
+    H100_SHARED,
+    shared_limit,
     LaunchConfig,
     _device_tables,
     _halve,
@@ -50,7 +52,6 @@ __all__ = ["launch_backward"]
 # enough to fill an H100's 132 SMs a few times over when there are few extra tiles.
 _EXTRA_TARGET_PROGRAMS = 512
 _DELTA_TOKENS = 64  # tokens per program of the delta kernel (halved for head_dim 256)
-_H100_SHARED = 232448  # bytes of shared memory a block may opt into (also the interpreter's)
 _MIN_TILE = 16  # tokens: the smallest tile tl.dot accepts
 
 
@@ -179,12 +180,6 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _shared_limit(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _H100_SHARED  # the interpreter has no limit; plan as for an H100
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
                     scale: float, config: LaunchConfig, tf32: bool = False):
     """Gradients of GNA w.r.t. ``q, k, v`` and the additional keys/values.
@@ -210,7 +205,7 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     heads_kv = k.shape[-2]
     groups_per_kv = heads // heads_kv
     head_dim_p2 = _next_pow2(max(head_dim, 16))
-    limit = _shared_limit(q.device)
+    limit = shared_limit(q.device)
     fma_dots = q.dtype == torch.float32 and not tf32
     dq_config = _kernel_config("dq", config, q.element_size(), head_dim_p2, limit, fma_dots)
     dkdv_config = _kernel_config("dkdv", config, q.element_size(), head_dim_p2, limit,
