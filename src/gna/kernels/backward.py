@@ -29,83 +29,10 @@ are padded with unit dimensions in front.
 import triton
 import triton.language as tl
 
+from .tiles import (full_tile, in_window, load_ranges, load_windows, partial_count,
+                    partial_tile, program_group, split3)
+
 _LOG2E = tl.constexpr(1.4426950408889634)
-
-
-# --- tile enumeration -------------------------------------------------------------------
-
-@triton.jit
-def _pick(idx, lo, n_lo, hi):
-    """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
-    return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
-
-
-@triton.jit
-def _full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2):
-    """The n-th tile (row-major) of the full box ``[ff, fl)`` per dimension."""
-    in1 = fl1 - ff1
-    in2 = fl2 - ff2
-    return ff0 + n // (in2 * in1), ff1 + (n // in2) % in1, ff2 + n % in2
-
-
-@triton.jit
-def _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
-    """Number of tiles in the visited box ``[f, l)`` minus the full box ``[ff, fl)``."""
-    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
-    vis0, vis1, vis2 = l0 - f0, l1 - f1, l2 - f2
-    return (vis0 - in0) * vis1 * vis2 + in0 * (vis1 - in1) * vis2 + in0 * in1 * (vis2 - in2)
-
-
-@triton.jit
-def _partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
-    """The n-th tile of the visited box minus the full box, as three disjoint slabs:
-    A: dim 0 outside the full range; B: dim 0 inside, dim 1 outside; C: dims 0 and 1 inside,
-    dim 2 outside. ``_partial_count`` of them in all; none is also in the full box."""
-    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
-    vis1, vis2 = l1 - f1, l2 - f2
-    out1, out2 = vis1 - in1, vis2 - in2
-    count_a = (l0 - f0 - in0) * vis1 * vis2
-    count_b = in0 * out1 * vis2
-    in_a = n < count_a
-    in_b = (n >= count_a) & (n < count_a + count_b)
-    m = tl.where(in_a, n, tl.where(in_b, n - count_a, n - count_a - count_b))
-    e1 = tl.maximum(tl.where(in_a, vis1, tl.where(in_b, out1, in1)), 1)
-    e2 = tl.maximum(tl.where(in_a | in_b, vis2, out2), 1)
-    u2 = m % e2
-    u1 = (m // e2) % e1
-    u0 = m // (e2 * e1)
-    j0 = tl.where(in_a, _pick(u0, f0, ff0 - f0, fl0), ff0 + u0)
-    j1 = tl.where(in_a, f1 + u1, tl.where(in_b, _pick(u1, f1, ff1 - f1, fl1), ff1 + u1))
-    j2 = tl.where(in_a | in_b, f2 + u2, _pick(u2, f2, ff2 - f2, fl2))
-    return j0, j1, j2
-
-
-@triton.jit
-def _load_ranges(Tab, s0, s1, s2, g0, g1, g2, t0, t1, t2):
-    """Per-dimension ``(first, last, full_first, full_last)`` of tile ``(t0, t1, t2)``."""
-    r0 = Tab + g0 * s1 + t0 * s2
-    r1 = Tab + s0 + g1 * s1 + t1 * s2
-    r2 = Tab + 2 * s0 + g2 * s1 + t2 * s2
-    return (tl.load(r0), tl.load(r0 + 1), tl.load(r0 + 2), tl.load(r0 + 3),
-            tl.load(r1), tl.load(r1 + 1), tl.load(r1 + 2), tl.load(r1 + 3),
-            tl.load(r2), tl.load(r2 + 1), tl.load(r2 + 2), tl.load(r2 + 3))
-
-
-@triton.jit
-def _load_windows(Win, s0, s1, s2, g0, g1, g2, i0, i1, i2, ok):
-    """Key window ``[start, end)`` per dimension of queries ``(i0, i1, i2)``; rows not ``ok``
-    get empty windows."""
-    w0 = Win + g0 * s1 + i0 * s2
-    w1 = Win + s0 + g1 * s1 + i1 * s2
-    w2 = Win + 2 * s0 + g2 * s1 + i2 * s2
-    return (tl.load(w0, mask=ok, other=0), tl.load(w0 + 1, mask=ok, other=0),
-            tl.load(w1, mask=ok, other=0), tl.load(w1 + 1, mask=ok, other=0),
-            tl.load(w2, mask=ok, other=0), tl.load(w2 + 1, mask=ok, other=0))
-
-
-@triton.jit
-def _in_window(x0, x1, x2, ws0, we0, ws1, we1, ws2, we2):
-    return ((ws0 <= x0) & (x0 < we0) & (ws1 <= x1) & (x1 < we1) & (ws2 <= x2) & (x2 < we2))
 
 
 @triton.jit
@@ -171,9 +98,9 @@ def _dkdv_step(
     tile = n // groups_per_kv
     h = (h_first + n % groups_per_kv).to(tl.int64)
     if MASKED:
-        t0, t1, t2 = _partial_tile(tile, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+        t0, t1, t2 = partial_tile(tile, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     else:
-        t0, t1, t2 = _full_tile(tile, ff0, fl0, ff1, fl1, ff2, fl2)
+        t0, t1, t2 = full_tile(tile, ff0, fl0, ff1, fl1, ff2, fl2)
     i0 = t0 * T0 + r0
     i1 = t1 * T1 + r1
     i2 = t2 * T2 + r2
@@ -188,7 +115,7 @@ def _dkdv_step(
     lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
     if MASKED:
-        ws0, we0, ws1, we1, ws2, we2 = _load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
+        ws0, we0, ws1, we1, ws2, we2 = load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
                                                      i0, i1, i2, row_ok)
     # Scores [queries, keys]: the Q tile is the GEMMs' M side (wgmma wants 64-row warpgroups
     # there); P and dS reach the dV / dK GEMMs transposed. The transposed orientation (keys on
@@ -197,7 +124,7 @@ def _dkdv_step(
     # Q 128 / KV 64 here 100 / 210 ms.
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
     if MASKED:
-        seen = _in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
+        seen = in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
                           ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
         s = tl.where(seen, s, float("-inf"))
     p = tl.exp2(s)
@@ -237,15 +164,8 @@ def gna_backward_dkdv_kernel(
     b = (pid_bh // heads_kv).to(tl.int64)
     h_kv = pid_bh % heads_kv
 
-    g2 = pid_g % D2
-    g1 = (pid_g // D2) % D1
-    g0 = pid_g // (D2 * D1)
-    G0 = (L0 - g0 + D0 - 1) // D0
-    G1 = (L1 - g1 + D1 - 1) // D1
-    G2 = (L2 - g2 + D2 - 1) // D2
-    j2 = pid_t % NK2
-    j1 = (pid_t // NK2) % NK1
-    j0 = pid_t // (NK2 * NK1)
+    g0, g1, g2, G0, G1, G2 = program_group(pid_g, L0, L1, L2, D0, D1, D2)
+    j0, j1, j2 = split3(pid_t, NK1, NK2)
 
     # The KV tile: in-group key coordinates per row, loaded once.
     offs_n = tl.arange(0, BLOCK_N)
@@ -289,7 +209,7 @@ def gna_backward_dkdv_kernel(
     h_first = h_kv * groups_per_kv
 
     # Q tile ranges of this KV tile per dimension: visited [f, l), mask-free [ff, fl).
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = _load_ranges(
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = load_ranges(
         Inv, inv_s0, inv_s1, inv_s2, g0, g1, g2, j0, j1, j2)
 
     # 1. Mask-free Q tiles: every query of the tile sees every key of this KV tile.
@@ -305,7 +225,7 @@ def gna_backward_dkdv_kernel(
             T0, T1, T2, MASKED=False, PRECISION=PRECISION)
 
     # 2. Partial Q tiles: the visited box minus the full box, with per-query window masks.
-    n_partial = _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    n_partial = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     for n in range(0, n_partial * groups_per_kv):
         dk, dv = _dkdv_step(
             dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
@@ -331,7 +251,7 @@ def _dq_kv_tile(dq, q, do, lse2, delta, k, v, kx0, kx1, kx2, ws0, we0, ws1, we1,
     """Accumulate one KV tile into a Q tile's (unscaled) dQ."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
     if MASKED:
-        seen = _in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
+        seen = in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
                           ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
         s = tl.where(seen, s, float("-inf"))
     p = tl.exp2(s)
@@ -370,15 +290,8 @@ def gna_backward_dq_kernel(
     h_kv = (h // groups_per_kv).to(tl.int64)
     h = h.to(tl.int64)
 
-    g2 = pid_g % D2
-    g1 = (pid_g // D2) % D1
-    g0 = pid_g // (D2 * D1)
-    G0 = (L0 - g0 + D0 - 1) // D0
-    G1 = (L1 - g1 + D1 - 1) // D1
-    G2 = (L2 - g2 + D2 - 1) // D2
-    t2 = pid_t % NT2
-    t1 = (pid_t // NT2) % NT1
-    t0 = pid_t // (NT2 * NT1)
+    g0, g1, g2, G0, G1, G2 = program_group(pid_g, L0, L1, L2, D0, D1, D2)
+    t0, t1, t2 = split3(pid_t, NT1, NT2)
 
     # The Q tile, its dO, LSE (as log2) and delta, loaded once.
     offs_m = tl.arange(0, BLOCK_M)
@@ -399,9 +312,9 @@ def gna_backward_dq_kernel(
     # Padding rows: lse = delta = 0 with q = dO = 0 keep them finite; their dQ is not stored.
     lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
-    ws0, we0, ws1, we1, ws2, we2 = _load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
+    ws0, we0, ws1, we1, ws2, we2 = load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
                                                  i0, i1, i2, row_ok)
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = _load_ranges(
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = load_ranges(
         Rng, rng_s0, rng_s1, rng_s2, g0, g1, g2, t0, t1, t2)
 
     # Key columns of a KV tile: offsets inside the tile, and their token offsets.
@@ -427,7 +340,7 @@ def gna_backward_dq_kernel(
 
     # 1. Mask-free KV tiles.
     for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
-        j0, j1, j2 = _full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
+        j0, j1, j2 = full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
         k_ptrs = k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2 + k_col[:, None] + offs_d[None, :]
         v_ptrs = v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2 + v_col[:, None] + offs_d[None, :]
@@ -442,8 +355,8 @@ def gna_backward_dq_kernel(
                          MASKED=False, PRECISION=PRECISION)
 
     # 2. Partial KV tiles: the visited box minus the full box, masked.
-    for n in range(0, _partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
-        j0, j1, j2 = _partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    for n in range(0, partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
+        j0, j1, j2 = partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
         kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
         col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2

@@ -20,15 +20,12 @@ softmax is online, in fp32, with ``exp2`` and the scale folded into ``qk_scale``
 import triton
 import triton.language as tl
 
+from .tiles import (full_tile, in_window, load_ranges, load_windows, partial_count,
+                    partial_tile, program_group, split3)
+
 # Finite stand-in for -inf as the running max: a row whose first tiles are fully masked must
 # not compute exp2(-inf - -inf).
 _NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _pick(idx, lo, n_lo, hi):
-    """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
-    return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
 
 
 @triton.jit
@@ -63,9 +60,8 @@ def _attend_tile(
     with ``MASKED`` each score is kept only if its key lies in the row's window."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
-        seen = ((ws0[:, None] <= kx0[None, :]) & (kx0[None, :] < we0[:, None])
-                & (ws1[:, None] <= kx1[None, :]) & (kx1[None, :] < we1[:, None])
-                & (ws2[:, None] <= kx2[None, :]) & (kx2[None, :] < we2[:, None]))
+        seen = in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
+                         ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
         s = tl.where(seen, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -110,16 +106,8 @@ def gna_forward_kernel(
     h = pid_bh % heads
     h_kv = h // groups_per_kv
 
-    # Dilation group of this program and its lengths (ceil((L - g) / d)).
-    g2 = pid_g % D2
-    g1 = (pid_g // D2) % D1
-    g0 = pid_g // (D2 * D1)
-    G0 = (L0 - g0 + D0 - 1) // D0
-    G1 = (L1 - g1 + D1 - 1) // D1
-    G2 = (L2 - g2 + D2 - 1) // D2
-    t2 = pid_t % NT2
-    t1 = (pid_t // NT2) % NT1
-    t0 = pid_t // (NT2 * NT1)
+    g0, g1, g2, G0, G1, G2 = program_group(pid_g, L0, L1, L2, D0, D1, D2)
+    t0, t1, t2 = split3(pid_t, NT1, NT2)
 
     # Query rows of the tile: in-group coordinates and offsets.
     offs_m = tl.arange(0, BLOCK_M)
@@ -134,24 +122,12 @@ def gna_forward_kernel(
     q_ptrs = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + tok_q[:, None] + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
 
-    # Each row's window per dimension (from the geometry tables; padding rows see nothing).
-    w0 = Win + 0 * win_s0 + g0 * win_s1 + i0 * win_s2
-    w1 = Win + 1 * win_s0 + g1 * win_s1 + i1 * win_s2
-    w2 = Win + 2 * win_s0 + g2 * win_s1 + i2 * win_s2
-    ws0 = tl.load(w0, mask=row_ok, other=0)
-    we0 = tl.load(w0 + 1, mask=row_ok, other=0)
-    ws1 = tl.load(w1, mask=row_ok, other=0)
-    we1 = tl.load(w1 + 1, mask=row_ok, other=0)
-    ws2 = tl.load(w2, mask=row_ok, other=0)
-    we2 = tl.load(w2 + 1, mask=row_ok, other=0)
-
-    # KV tile ranges of this Q tile per dimension: visited [f, l), mask-free [ff, fl).
-    r0 = Rng + 0 * rng_s0 + g0 * rng_s1 + t0 * rng_s2
-    r1 = Rng + 1 * rng_s0 + g1 * rng_s1 + t1 * rng_s2
-    r2 = Rng + 2 * rng_s0 + g2 * rng_s1 + t2 * rng_s2
-    f0, l0, ff0, fl0 = tl.load(r0), tl.load(r0 + 1), tl.load(r0 + 2), tl.load(r0 + 3)
-    f1, l1, ff1, fl1 = tl.load(r1), tl.load(r1 + 1), tl.load(r1 + 2), tl.load(r1 + 3)
-    f2, l2, ff2, fl2 = tl.load(r2), tl.load(r2 + 1), tl.load(r2 + 2), tl.load(r2 + 3)
+    # Each row's window per dimension and this Q tile's KV tile ranges per dimension (visited
+    # [f, l), mask-free [ff, fl)), from the geometry tables; padding rows see nothing.
+    ws0, we0, ws1, we1, ws2, we2 = load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
+                                                i0, i1, i2, row_ok)
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = load_ranges(
+        Rng, rng_s0, rng_s1, rng_s2, g0, g1, g2, t0, t1, t2)
 
     # Key columns of a KV tile: per-dimension offsets inside the tile, and their token offsets.
     offs_n = tl.arange(0, BLOCK_N)
@@ -185,11 +161,9 @@ def gna_forward_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # 1. Mask-free KV tiles: every query of the tile sees every key of these.
-    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
-    for n in tl.range(0, in0 * in1 * in2, warp_specialize=WARP_SPECIALIZE):
-        j2 = ff2 + n % in2
-        j1 = ff1 + (n // in2) % in1
-        j0 = ff0 + n // (in2 * in1)
+    for n in tl.range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2),
+                      warp_specialize=WARP_SPECIALIZE):
+        j0, j1, j2 = full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
         k = _load_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
                        offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
                        MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
@@ -200,27 +174,9 @@ def gna_forward_kernel(
                                      ws0, we0, ws1, we1, ws2, we2, qk_scale,
                                      MASKED=False, PRECISION=PRECISION)
 
-    # 2. Partial KV tiles: the visited box minus the full box, as three disjoint slabs
-    #    (A: dim 0 outside the full range; B: dim 0 inside, dim 1 outside; C: dims 0 and 1
-    #    inside, dim 2 outside).
-    vis0, vis1, vis2 = l0 - f0, l1 - f1, l2 - f2
-    out0, out1, out2 = vis0 - in0, vis1 - in1, vis2 - in2
-    lo0, lo1, lo2 = ff0 - f0, ff1 - f1, ff2 - f2  # lower outside parts
-    count_a = out0 * vis1 * vis2
-    count_b = in0 * out1 * vis2
-    count_c = in0 * in1 * out2
-    for n in range(0, count_a + count_b + count_c):
-        in_a = n < count_a
-        in_b = (n >= count_a) & (n < count_a + count_b)
-        m = tl.where(in_a, n, tl.where(in_b, n - count_a, n - count_a - count_b))
-        e1 = tl.maximum(tl.where(in_a, vis1, tl.where(in_b, out1, in1)), 1)
-        e2 = tl.maximum(tl.where(in_a | in_b, vis2, out2), 1)
-        u2 = m % e2
-        u1 = (m // e2) % e1
-        u0 = m // (e2 * e1)
-        j0 = tl.where(in_a, _pick(u0, f0, lo0, fl0), ff0 + u0)
-        j1 = tl.where(in_a, f1 + u1, tl.where(in_b, _pick(u1, f1, lo1, fl1), ff1 + u1))
-        j2 = tl.where(in_a | in_b, f2 + u2, _pick(u2, f2, lo2, fl2))
+    # 2. Partial KV tiles: the visited box minus the full box, as three disjoint slabs.
+    for n in range(0, partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
+        j0, j1, j2 = partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
         kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
         col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
         k = _load_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,

@@ -1,0 +1,96 @@
+"""Triton helpers shared by the forward and backward kernels: which program is which tile of
+which dilation group, how the visited and mask-free KV (or Q) tile boxes are enumerated, and
+the reads of the geometry tables that :mod:`gna.geometry` fills through the launchers."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def program_group(pid_g, L0, L1, L2, D0, D1, D2):
+    """Dilation group ``(g0, g1, g2)`` of program-id ``pid_g`` and the group's lengths
+    ``ceil((L - g) / D)`` per dimension."""
+    g2 = pid_g % D2
+    g1 = (pid_g // D2) % D1
+    g0 = pid_g // (D2 * D1)
+    return g0, g1, g2, (L0 - g0 + D0 - 1) // D0, (L1 - g1 + D1 - 1) // D1, (L2 - g2 + D2 - 1) // D2
+
+
+@triton.jit
+def split3(idx, N1, N2):
+    """Row-major coordinates of ``idx`` in a box whose last two extents are ``N1, N2``."""
+    return idx // (N2 * N1), (idx // N2) % N1, idx % N2
+
+
+@triton.jit
+def pick(idx, lo, n_lo, hi):
+    """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
+    return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
+
+
+@triton.jit
+def full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2):
+    """The n-th tile (row-major) of the full box ``[ff, fl)`` per dimension."""
+    in1 = fl1 - ff1
+    in2 = fl2 - ff2
+    return ff0 + n // (in2 * in1), ff1 + (n // in2) % in1, ff2 + n % in2
+
+
+@triton.jit
+def partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
+    """Number of tiles in the visited box ``[f, l)`` minus the full box ``[ff, fl)``."""
+    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
+    vis0, vis1, vis2 = l0 - f0, l1 - f1, l2 - f2
+    return (vis0 - in0) * vis1 * vis2 + in0 * (vis1 - in1) * vis2 + in0 * in1 * (vis2 - in2)
+
+
+@triton.jit
+def partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
+    """The n-th tile of the visited box minus the full box, as three disjoint slabs:
+    A: dim 0 outside the full range; B: dim 0 inside, dim 1 outside; C: dims 0 and 1 inside,
+    dim 2 outside. ``partial_count`` of them in all; none is also in the full box."""
+    in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
+    vis1, vis2 = l1 - f1, l2 - f2
+    out1, out2 = vis1 - in1, vis2 - in2
+    count_a = (l0 - f0 - in0) * vis1 * vis2
+    count_b = in0 * out1 * vis2
+    in_a = n < count_a
+    in_b = (n >= count_a) & (n < count_a + count_b)
+    m = tl.where(in_a, n, tl.where(in_b, n - count_a, n - count_a - count_b))
+    e1 = tl.maximum(tl.where(in_a, vis1, tl.where(in_b, out1, in1)), 1)
+    e2 = tl.maximum(tl.where(in_a | in_b, vis2, out2), 1)
+    u2 = m % e2
+    u1 = (m // e2) % e1
+    u0 = m // (e2 * e1)
+    j0 = tl.where(in_a, pick(u0, f0, ff0 - f0, fl0), ff0 + u0)
+    j1 = tl.where(in_a, f1 + u1, tl.where(in_b, pick(u1, f1, ff1 - f1, fl1), ff1 + u1))
+    j2 = tl.where(in_a | in_b, f2 + u2, pick(u2, f2, ff2 - f2, fl2))
+    return j0, j1, j2
+
+
+@triton.jit
+def load_ranges(Tab, s0, s1, s2, g0, g1, g2, t0, t1, t2):
+    """Per-dimension ``(first, last, full_first, full_last)`` of tile ``(t0, t1, t2)``."""
+    r0 = Tab + g0 * s1 + t0 * s2
+    r1 = Tab + s0 + g1 * s1 + t1 * s2
+    r2 = Tab + 2 * s0 + g2 * s1 + t2 * s2
+    return (tl.load(r0), tl.load(r0 + 1), tl.load(r0 + 2), tl.load(r0 + 3),
+            tl.load(r1), tl.load(r1 + 1), tl.load(r1 + 2), tl.load(r1 + 3),
+            tl.load(r2), tl.load(r2 + 1), tl.load(r2 + 2), tl.load(r2 + 3))
+
+
+@triton.jit
+def load_windows(Win, s0, s1, s2, g0, g1, g2, i0, i1, i2, ok):
+    """Key window ``[start, end)`` per dimension of queries ``(i0, i1, i2)``; rows not ``ok``
+    get empty windows."""
+    w0 = Win + g0 * s1 + i0 * s2
+    w1 = Win + s0 + g1 * s1 + i1 * s2
+    w2 = Win + 2 * s0 + g2 * s1 + i2 * s2
+    return (tl.load(w0, mask=ok, other=0), tl.load(w0 + 1, mask=ok, other=0),
+            tl.load(w1, mask=ok, other=0), tl.load(w1 + 1, mask=ok, other=0),
+            tl.load(w2, mask=ok, other=0), tl.load(w2 + 1, mask=ok, other=0))
+
+
+@triton.jit
+def in_window(x0, x1, x2, ws0, we0, ws1, we1, ws2, we2):
+    return ((ws0 <= x0) & (x0 < we0) & (ws1 <= x1) & (x1 < we1) & (ws2 <= x2) & (x2 < we2))
