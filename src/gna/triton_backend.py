@@ -261,15 +261,7 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
     win, rng = _device_tables(plan, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    if extra_k is not None:
-        extra_k = extra_k if extra_k.stride(-1) == 1 else extra_k.contiguous()
-        extra_v = extra_v if extra_v.stride(-1) == 1 else extra_v.contiguous()
-        extra_strides = (*extra_k.stride()[:3], *extra_v.stride()[:3])
-        num_extra = extra_k.shape[1]
-    else:
-        extra_k, extra_v = k, v  # never read
-        extra_strides = (0,) * 6
-        num_extra = 0
+    extra_k, extra_v, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
     s = lse.stride()
     lse_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
     grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
@@ -279,6 +271,16 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
                 extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32,
                 config)
     return out, lse
+
+
+def extra_args(k, v, extra_k, extra_v):
+    """Kernel arguments for the additional keys/values: ``(extra_k, extra_v, strides, n)``;
+    without them, ``k``/``v`` stand in as pointers that are never read."""
+    if extra_k is None:
+        return k, v, (0,) * 6, 0
+    extra_k = extra_k if extra_k.stride(-1) == 1 else extra_k.contiguous()
+    extra_v = extra_v if extra_v.stride(-1) == 1 else extra_v.contiguous()
+    return extra_k, extra_v, (*extra_k.stride()[:3], *extra_v.stride()[:3]), extra_k.shape[1]
 
 
 def _tma_compatible(*tensors) -> bool:

@@ -44,6 +44,7 @@ from .triton_backend import (
     _pad3,
     _plan,
     _strides,
+    extra_args,
 )
 
 __all__ = ["launch_backward"]
@@ -250,14 +251,7 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         *plan.q_tile, *plan.kv_tile, HEAD_DIM=head_dim_p2, head_dim=head_dim,
         PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
 
-    if extra_k is not None:
-        extra_k, extra_v = _unit_last(extra_k), _unit_last(extra_v)
-        extra_strides = (*extra_k.stride()[:3], *extra_v.stride()[:3])
-        num_extra = extra_k.shape[1]
-    else:
-        extra_k, extra_v = k, v  # never read
-        extra_strides = (0,) * 6
-        num_extra = 0
+    extra_k, extra_v, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
 
     # dQ: per Q tile, the forward's range of KV tiles, then the additional keys.
     c = dq_config

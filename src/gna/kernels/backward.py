@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (full_tile, in_window, load_ranges, load_windows, partial_count,
-                    partial_tile, program_group, split3)
+                    partial_tile, program_group, split3, tile_coords)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -169,9 +169,7 @@ def gna_backward_dkdv_kernel(
 
     # The KV tile: in-group key coordinates per row, loaded once.
     offs_n = tl.arange(0, BLOCK_N)
-    kx0 = j0 * K0 + offs_n // (K1 * K2)
-    kx1 = j1 * K1 + (offs_n // K2) % K1
-    kx2 = j2 * K2 + offs_n % K2
+    kx0, kx1, kx2 = tile_coords(j0, j1, j2, offs_n, K0, K1, K2)
     col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
     x0 = (g0 + kx0 * D0).to(tl.int64)
     x1 = (g1 + kx1 * D1).to(tl.int64)
@@ -295,9 +293,7 @@ def gna_backward_dq_kernel(
 
     # The Q tile, its dO, LSE (as log2) and delta, loaded once.
     offs_m = tl.arange(0, BLOCK_M)
-    i0 = t0 * T0 + offs_m // (T1 * T2)
-    i1 = t1 * T1 + (offs_m // T2) % T1
-    i2 = t2 * T2 + offs_m % T2
+    i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
     row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
     x0 = (g0 + i0 * D0).to(tl.int64)
     x1 = (g1 + i1 * D1).to(tl.int64)
@@ -319,9 +315,7 @@ def gna_backward_dq_kernel(
 
     # Key columns of a KV tile: offsets inside the tile, and their token offsets.
     offs_n = tl.arange(0, BLOCK_N)
-    c0 = offs_n // (K1 * K2)
-    c1 = (offs_n // K2) % K1
-    c2 = offs_n % K2
+    c0, c1, c2 = tile_coords(0, 0, 0, offs_n, K0, K1, K2)
     y0 = (c0 * D0).to(tl.int64)
     y1 = (c1 * D1).to(tl.int64)
     y2 = (c2 * D2).to(tl.int64)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (full_tile, in_window, load_ranges, load_windows, partial_count,
-                    partial_tile, program_group, split3)
+                    partial_tile, program_group, split3, tile_coords)
 
 # Finite stand-in for -inf as the running max: a row whose first tiles are fully masked must
 # not compute exp2(-inf - -inf).
@@ -111,9 +111,7 @@ def gna_forward_kernel(
 
     # Query rows of the tile: in-group coordinates and offsets.
     offs_m = tl.arange(0, BLOCK_M)
-    i0 = t0 * T0 + offs_m // (T1 * T2)
-    i1 = t1 * T1 + (offs_m // T2) % T1
-    i2 = t2 * T2 + offs_m % T2
+    i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
     row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
     offs_d = tl.arange(0, HEAD_DIM)
     d_mask = offs_d < head_dim
@@ -131,9 +129,7 @@ def gna_forward_kernel(
 
     # Key columns of a KV tile: per-dimension offsets inside the tile, and their token offsets.
     offs_n = tl.arange(0, BLOCK_N)
-    c0 = offs_n // (K1 * K2)
-    c1 = (offs_n // K2) % K1
-    c2 = offs_n % K2
+    c0, c1, c2 = tile_coords(0, 0, 0, offs_n, K0, K1, K2)
     k_col = (c0 * D0).to(tl.int64) * sk_0 + (c1 * D1).to(tl.int64) * sk_1 + (c2 * D2).to(tl.int64) * sk_2
     v_col = (c0 * D0).to(tl.int64) * sv_0 + (c1 * D1).to(tl.int64) * sv_1 + (c2 * D2).to(tl.int64) * sv_2
     k_grp = K + b.to(tl.int64) * sk_b + h_kv.to(tl.int64) * sk_h + g0 * sk_0 + g1 * sk_1 + g2 * sk_2

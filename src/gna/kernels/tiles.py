@@ -23,6 +23,13 @@ def split3(idx, N1, N2):
 
 
 @triton.jit
+def tile_coords(t0, t1, t2, offs, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """In-group coordinates of the tokens ``offs`` (row-major inside a ``T0 x T1 x T2`` box)
+    of tile ``(t0, t1, t2)``; tile ``(0, 0, 0)`` gives the offsets inside a tile."""
+    return t0 * T0 + offs // (T1 * T2), t1 * T1 + (offs // T2) % T1, t2 * T2 + offs % T2
+
+
+@triton.jit
 def pick(idx, lo, n_lo, hi):
     """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
     return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
