@@ -339,6 +339,7 @@ def _launch_hooks_set() -> bool:
 _FORWARD_CONSTEXPRS = ("T0", "T1", "T2", "K0", "K1", "K2", "HEAD_DIM", "PAD_D", "HAS_EXTRA",
                        "PRECISION", "USE_TMA", "WARP_SPECIALIZE")
 _COMPILED: dict = {}
+_MAX_CACHED_LAUNCHES = 4096
 
 
 def _launch_cached(kernel, grid, tensors, scalars, constexprs, config):
@@ -357,6 +358,8 @@ def _launch_cached(kernel, grid, tensors, scalars, constexprs, config):
     compiled = kernel[grid](*tensors, *scalars, **dict(zip(_FORWARD_CONSTEXPRS, constexprs)),
                             num_warps=config.num_warps, num_stages=config.num_stages)
     if tensors[0].is_cuda and hasattr(compiled, "packed_metadata"):
+        if len(_COMPILED) >= _MAX_CACHED_LAUNCHES:  # many shapes: start over, stay bounded
+            _COMPILED.clear()
         _COMPILED[key] = compiled
 
 
