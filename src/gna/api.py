@@ -68,6 +68,8 @@ def neighborhood_attention(
         q = k = v = torch.randn(1, 32, 32, 4, 64)
         out = gna.na2d(q, k, v, kernel_size=7, stride=2, dilation=2)
     """
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
     if torch.compiler.is_compiling() and triton_backend.compiles(query, backend):
         # torch.compile: skip the host-side planning (Dynamo would trace it); the op does it,
         # and its fake implementation validates the call.
@@ -79,8 +81,6 @@ def neighborhood_attention(
     problem = normalize(_ndim, query, key, value, kernel_size, stride, dilation, is_causal,
                         scale, additional_keys, additional_values)
     ndim = problem.ndim
-    if fp32_precision not in ("ieee", "tf32"):
-        raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
     options = Options(
         backend=backend,
         q_tile_shape=_tile("q_tile_shape", q_tile_shape, ndim),

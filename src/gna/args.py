@@ -16,7 +16,8 @@ import torch
 
 from .geometry import Geometry
 
-__all__ = ["Problem", "normalize", "normalize_dense", "normalize_geometry", "per_dim",
+__all__ = ["Problem", "normalize", "normalize_dense", "normalize_geometry", "normalize_scale",
+           "per_dim",
            "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,7 +174,8 @@ def _check_extra(query, heads_kv, additional_keys, additional_values) -> int:
     return additional_keys.shape[1]
 
 
-def _check_scale(scale, head_dim: int) -> float:
+def normalize_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` by default, else a real number."""
     if scale is None:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -224,7 +226,7 @@ def normalize(
         heads=heads,
         heads_kv=heads_kv,
         head_dim=query.shape[-1],
-        scale=_check_scale(scale, query.shape[-1]),
+        scale=normalize_scale(scale, query.shape[-1]),
         num_extra=num_extra,
         dtype=query.dtype,
         device=query.device,
@@ -237,4 +239,4 @@ def normalize_dense(query, key, value, scale=None, additional_keys=None,
     _check_tensors({"query": query, "key": key, "value": value}, None, "attention")
     _, heads_kv = _check_heads(query, key, value)
     _check_extra(query, heads_kv, additional_keys, additional_values)
-    return _check_scale(scale, query.shape[-1])
+    return normalize_scale(scale, query.shape[-1])

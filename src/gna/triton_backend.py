@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from .args import Problem, normalize_geometry, per_dim
+from .args import Problem, normalize_geometry, normalize_scale, per_dim
 from .backends import Backend, Options, register
 from .geometry import Geometry, group_length
 
@@ -59,7 +59,8 @@ class LaunchConfig:
 # the problem; for head_dim 256 each volume is halved. Measured on H100, fp16, d=128
 # (benchmarks/results/forward_sweep.jsonl): 128-token KV tiles won on perfectly block-sparse
 # settings (3-D stride 16x8x8: 35.5 ms vs 39.6 ms with 64), 64-token ones where many tiles are
-# partial (3-D stride 1: 78.6 ms vs 91.3 ms). _choose_kv_tile picks with the cost model below.
+# partial (3-D stride 1: 78.6 ms vs 91.3 ms). _default_config_cached picks with the cost model
+# below.
 _CANDIDATE_TILES = {
     1: ((128,), ((64,), (128,))),
     2: ((8, 16), ((8, 8), (8, 16))),
@@ -108,12 +109,7 @@ def _fit(tile: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, ...]:
 def default_config(problem: Problem, options: Options) -> LaunchConfig:
     return _default_config_cached(problem.geometry, problem.head_dim, options.q_tile_shape,
                                   options.kv_tile_shape, _has_tma(problem.device),
-                                  problem.dtype.itemsize, _shared_limit(problem.device))
-
-
-@functools.lru_cache(maxsize=16)
-def _shared_limit(device: torch.device) -> int:
-    return shared_limit(device)
+                                  problem.dtype.itemsize, shared_limit(problem.device))
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,6 +122,7 @@ def _has_tma(device: torch.device) -> bool:
 H100_SHARED = 232448  # bytes of shared memory a block may opt into on an H100
 
 
+@functools.lru_cache(maxsize=16)
 def shared_limit(device: torch.device) -> int:
     """Shared memory one program may use on ``device`` (the interpreter plans as an H100)."""
     if device.type != "cuda":
@@ -252,8 +249,7 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
                    tf32: bool = False):
     """Run the forward kernel. Returns ``out`` (contiguous, q's dtype) and ``lse`` (float32)."""
     ndim = geo.ndim
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     if config.use_tma and not _tma_compatible(k, v):
         config = dataclasses.replace(config, use_tma=False, warp_specialize=False)
@@ -273,13 +269,18 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
     return out, lse
 
 
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension is contiguous (views of a fused qkv tensor are
+    read in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def extra_args(k, v, extra_k, extra_v):
     """Kernel arguments for the additional keys/values: ``(extra_k, extra_v, strides, n)``;
     without them, ``k``/``v`` stand in as pointers that are never read."""
     if extra_k is None:
         return k, v, (0,) * 6, 0
-    extra_k = extra_k if extra_k.stride(-1) == 1 else extra_k.contiguous()
-    extra_v = extra_v if extra_v.stride(-1) == 1 else extra_v.contiguous()
+    extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
     return extra_k, extra_v, (*extra_k.stride()[:3], *extra_v.stride()[:3]), extra_k.shape[1]
 
 
@@ -375,7 +376,7 @@ def _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_ti
                              tuple(causal))
     config = _default_config_cached(geo, q.shape[-1], tuple(q_tile) if q_tile else None,
                                     tuple(kv_tile) if kv_tile else None, _has_tma(q.device),
-                                    q.element_size(), _shared_limit(q.device))
+                                    q.element_size(), shared_limit(q.device))
     return geo, config
 
 
@@ -467,7 +468,7 @@ def compiled_call(q, k, v, kernel_size, stride, dilation, is_causal, scale, extr
     kernel_size, stride, dilation = (list(per_dim(n, x, ndim)) for n, x in (
         ("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)))
     causal = list(per_dim("is_causal", is_causal, ndim, kind=bool))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = normalize_scale(scale, q.shape[-1])
     names = ("q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape")
     return na_forward(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale,
                       *(_tile_list(n, t, ndim) for n, t in zip(names, tiles)), tf32)

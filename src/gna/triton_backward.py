@@ -45,6 +45,7 @@ from .triton_backend import (
     _plan,
     _strides,
     extra_args,
+    unit_last,
 )
 
 __all__ = ["launch_backward"]
@@ -177,10 +178,6 @@ def _device_inv(geo: Geometry, q_tile, kv_tile, device: torch.device):
 
 # --- launcher -----------------------------------------------------------------------------
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
                     scale: float, config: LaunchConfig, tf32: bool = False):
     """Gradients of GNA w.r.t. ``q, k, v`` and the additional keys/values.
@@ -201,7 +198,7 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     (contiguous); the extra gradients are None without additional keys.
     """
     ndim = geo.ndim
-    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (unit_last(t) for t in (q, k, v, out, dout))
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
     groups_per_kv = heads // heads_kv
