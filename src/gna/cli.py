@@ -9,11 +9,18 @@ help. A subcommand signals a bad invocation that argparse could not catch by rai
 ``gna demo`` runs a small 2-D and a small 3-D GNA problem through every registered backend on
 this machine, checks each against the reference backend run in float64, and prints timings and
 how sparse each problem is. It exits with status 1 if any backend disagrees.
+
+``gna sim`` runs the simulator (:mod:`gna.sim`): the analytical speedup bound of a GNA problem
+under multi-dimensional and flattened 1-D tiling, and with ``--sweep-stride`` a sweep over
+strides and tile shapes, plotted. Its arguments follow NATTEN's profiler (``-i``, ``-w``,
+``-s``, ``-d``, ``-c``); bad values are reported with the API's own messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, backends
+from . import __version__, backends, sim
 from .api import attention, neighborhood_attention
 from .args import normalize, normalize_geometry
 from .backends import Options
@@ -219,11 +226,217 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# gna sim
+
+_TRUE, _FALSE = ("1", "true", "t", "yes", "y"), ("0", "false", "f", "no", "n")
+
+
+def _bool_value(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
+
+
+def _stride_values(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    return values
+
+
+def _sim_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input-size", type=int, nargs="+", required=True, metavar="N",
+                        help="spatial layout, one size per dimension, e.g. 30 48 80")
+    parser.add_argument("-w", "--window-size", type=int, nargs="+", required=True, metavar="W",
+                        help="kernel (window) size per dimension, or one for all")
+    parser.add_argument("-s", "--stride", type=int, nargs="+", default=[1], metavar="S",
+                        help="stride per dimension, or one for all (default 1)")
+    parser.add_argument("-d", "--dilation", type=int, nargs="+", default=[1], metavar="D",
+                        help="dilation per dimension, or one for all (default 1)")
+    parser.add_argument("-c", "--causal", type=_bool_value, nargs="+", default=[False],
+                        metavar="0|1", help="causal per dimension (0/1 or true/false), or one "
+                        "for all, e.g. -c 1 0 0 for causal along time only (default 0)")
+    parser.add_argument("--q-tile", type=int, nargs="+", metavar="T",
+                        help="Q tile shape (default: the kernels' choice, gna.sim.default_tiles)")
+    parser.add_argument("--kv-tile", type=int, nargs="+", metavar="T",
+                        help="KV tile shape (default: the kernels' choice for the Q tile)")
+    parser.add_argument("--no-flat", action="store_true",
+                        help="skip the 1-D flattened tiling comparison")
+    parser.add_argument("--sweep-stride", action="store_true",
+                        help="also sweep strides: the bound with these tiles and with the best "
+                        "supported tiles per stride; writes a bar plot (--plot)")
+    parser.add_argument("--sweep-values", type=_stride_values, nargs="+", metavar="S,S,...",
+                        help="strides to sweep per dimension, e.g. 1,2,4,8,16 1,8 1,8 "
+                        "(default: powers of two below the window, and the window)")
+    parser.add_argument("--plot", default="gna-sim-strides.png", metavar="FILE",
+                        help="where --sweep-stride writes its PNG (default gna-sim-strides.png)")
+    parser.add_argument("--top", type=int, default=15, metavar="N",
+                        help="sweep rows to print, highest bound first (default 15)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="write the results as JSON to FILE, or print only JSON to stdout "
+                        "when no FILE is given")
+
+
+def _scalar_or_tuple(values):
+    """One CLI value broadcasts to every dimension, as a scalar does in the API."""
+    return None if values is None else values[0] if len(values) == 1 else tuple(values)
+
+
+def _plot_sweep(fixed, best, path: str) -> None:
+    """Bars: bound per stride with the given tiles (perfectly block-sparse ones highlighted);
+    dots: bound with the best supported tiles; line: the FLOP-wise speedup."""
+    try:  # optional dependency (the plot extra), only needed here
+        from matplotlib.figure import Figure  # renders with Agg, no pyplot state
+    except ImportError:
+        raise UsageError("--sweep-stride plots with matplotlib, which is not installed; "
+                         "pip install 'gna[plot]'") from None
+
+    settings = fixed.settings
+    labels = [_fmt(s.stride) for s in settings]
+    x = range(len(settings))
+    fig = Figure(figsize=(min(30.0, max(6.0, 0.13 * len(settings) + 2)), 4.5))
+    ax = fig.subplots()
+    colors = ["tab:green" if s.perfectly_block_sparse else "tab:blue" for s in settings]
+    q, kv = settings[0].q_tile, settings[0].kv_tile
+    ax.bar(x, [s.bound for s in settings], color=colors,
+           label=f"bound, Q tile {_fmt(q)}, KV tile {_fmt(kv)} (green: perfectly block-sparse)")
+    ax.plot(x, [s.bound for s in best.settings], "k.", label="bound, best supported tiles")
+    flops = [s.flop_speedup for s in settings]
+    if max(flops) - min(flops) <= 1e-9 * max(flops):
+        ax.axhline(flops[0], color="tab:red", linestyle="--",
+                   label=f"FLOP-wise speedup {flops[0]:.2f}x")
+    else:  # causal: attended pairs depend on the stride
+        ax.plot(x, flops, color="tab:red", linestyle="--", label="FLOP-wise speedup")
+    ax.set_xticks(list(x), labels, rotation=90, fontsize=7 if len(settings) <= 60 else 5)
+    ax.set_xlim(-0.6, len(settings) - 0.4)
+    ax.set_ylim(0, 1.3 * max(flops + [s.bound for s in best.settings]))  # room for the legend
+    ax.set_xlabel("stride")
+    ax.set_ylabel("speedup over dense (x)")
+    ax.set_title(f"gna sim: input {_fmt(fixed.shape)}, window {_fmt(fixed.kernel_size)}, "
+                 f"dilation {_fmt(fixed.dilation)}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", ncols=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _describe_problem(geo) -> str:
+    causal = [str(a) for a, c in enumerate(geo.causal) if c]
+    return (f"input {_fmt(geo.shape)}, window {_fmt(geo.kernel_size)}, stride "
+            f"{_fmt(geo.stride)}, dilation {_fmt(geo.dilation)}, "
+            + (f"causal along axis {', '.join(causal)}" if causal else "not causal"))
+
+
+def _report_table(report) -> Table:
+    columns = [report.tiled] + ([report.flat] if report.flat is not None else [])
+    table = Table(caption="bound: all KV tiles / the most one Q tile visits")
+    table.add_column("")
+    table.add_column("multi-dim tiles", justify="right")
+    if report.flat is not None:
+        table.add_column("1-D flattened", justify="right")
+
+    def row(name, fn):
+        table.add_row(name, *(fn(f) for f in columns))
+
+    row("Q tile / KV tile", lambda f: f"{_fmt(f.q_tile)} / {_fmt(f.kv_tile)}")
+    row("Q tiles / KV tiles", lambda f: f"{len(f.visited):,} / {f.total_kv_tiles:,}")
+    row("visited per Q tile (min/mean/max)",
+        lambda f: f"{f.visited_min} / {f.visited_mean:.1f} / {f.visited_max}")
+    row("visited tiles needing a mask", lambda f: f"{100 * f.masked_share:.1f}%")
+    row("analytical bound", lambda f: f"{f.bound:.2f}x")
+    row("average-based (all / mean)", lambda f: f"{f.average_bound:.2f}x")
+    row("perfectly block-sparse", lambda f: "yes" if f.perfectly_block_sparse else "no")
+    return table
+
+
+def _sweep_table(fixed, best, top: int) -> Table:
+    order = sorted(range(len(fixed.settings)),
+                   key=lambda i: (-fixed.settings[i].bound, math.prod(fixed.settings[i].stride),
+                                  fixed.settings[i].stride))[:top]
+    s0 = fixed.settings[0]
+    table = Table(title=f"{len(order)} of {len(fixed.settings)} strides, highest bound with "
+                  f"{_fmt(s0.q_tile)} / {_fmt(s0.kv_tile)} tiles first",
+                  caption="*: perfectly block-sparse; best: over the supported tiles")
+    for name in ("stride", "bound", "masked", "best Q / KV tile", "best bound", "FLOP-wise"):
+        table.add_column(name, justify="left" if name in ("stride", "best Q / KV tile")
+                         else "right")
+
+    def mark(s):
+        return f"{s.bound:.2f}x" + ("*" if s.perfectly_block_sparse else " ")
+
+    for i in order:
+        f, b = fixed.settings[i], best.settings[i]
+        table.add_row(_fmt(f.stride), mark(f), f"{100 * f.masked_share:.0f}%",
+                      f"{_fmt(b.q_tile)} / {_fmt(b.kv_tile)}", mark(b), f"{f.flop_speedup:.2f}x")
+    return table
+
+
+def _perfect_line(result) -> str:
+    found = result.perfect
+    if not found:
+        return "none"
+    return ", ".join(f"{_fmt(s.stride)} ({_fmt(s.q_tile)} / {_fmt(s.kv_tile)})" for s in found)
+
+
+def run_sim(args: argparse.Namespace, console: Console) -> int:
+    """Simulate tiled GNA: analytical speedup bounds, no GPU needed (the paper's NATTEN Sim)."""
+    try:
+        geo = normalize_geometry(args.input_size, _scalar_or_tuple(args.window_size),
+                                 _scalar_or_tuple(args.stride), _scalar_or_tuple(args.dilation),
+                                 _scalar_or_tuple(args.causal))
+        report = sim.simulate_geometry(geo, _scalar_or_tuple(args.q_tile),
+                                       _scalar_or_tuple(args.kv_tile), flat=not args.no_flat)
+        sweep = None
+        if args.sweep_stride:
+            strides = sim.stride_grid(geo.kernel_size, args.sweep_values)
+            problem = (geo.shape, geo.kernel_size, geo.dilation, geo.causal)
+            fixed = sim.search(*problem, strides=strides,
+                               tiles=[(report.tiled.q_tile, report.tiled.kv_tile)])
+            sweep = (fixed, sim.search(*problem, strides=strides))
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    payload = report.to_dict()
+    if sweep is not None:
+        payload["sweep"] = {"tiles": sweep[0].to_dict(), "best_tiles": sweep[1].to_dict(),
+                            "plot": args.plot}
+        _plot_sweep(*sweep, args.plot)
+    if args.json == "-":
+        console.out(json.dumps(payload, indent=2), highlight=False)
+        return 0
+
+    console.print(f"[bold]gna sim[/bold]: {_describe_problem(geo)}")
+    console.print(f"attended pairs: {report.attended_pairs:,} of {report.dense_pairs:,} "
+                  f"({100 / report.flop_speedup:.1f}%); FLOP-wise speedup "
+                  f"{report.flop_speedup:.2f}x")
+    console.print(_report_table(report))
+    console.print(f"predicted cost (kernel cost model, key tokens): {report.predicted_cost:,.0f}")
+    if sweep is not None:
+        fixed, best = sweep
+        console.print(_sweep_table(fixed, best, args.top))
+        console.print(f"smallest perfectly block-sparse strides with these tiles: "
+                      f"{_perfect_line(fixed)}", soft_wrap=True)
+        console.print(f"... with any supported tiles: {_perfect_line(best)}", soft_wrap=True)
+        b = best.best
+        console.print(f"highest bound: {b.bound:.2f}x at stride {_fmt(b.stride)} with Q tile "
+                      f"{_fmt(b.q_tile)} / KV tile {_fmt(b.kv_tile)}")
+        console.print(f"plot written to {args.plot}", soft_wrap=True, markup=False)
+    if args.json is not None:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        console.print(f"JSON written to {args.json}", soft_wrap=True, markup=False)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, Console], int]]] = {
     "demo": (_demo_arguments, run_demo),
+    "sim": (_sim_arguments, run_sim),
 }
 
 
