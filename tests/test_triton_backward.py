@@ -17,6 +17,7 @@ Measured (worst gradient per case): interpreter, 40 small cases: fp32 ieee media
 fp32 with TF32 1e-2.
 """
 
+import dataclasses
 import itertools
 import math
 import random
@@ -34,12 +35,13 @@ triton = pytest.importorskip("triton")
 
 from gna import triton_backward  # noqa: E402
 from gna.triton_backend import (  # noqa: E402
-    _CANDIDATE_TILES,
     _halve,
+    _next_pow2,
     default_config,
     launch_forward,
+    shared_limit,
 )
-from gna.triton_backward import launch_backward  # noqa: E402
+from gna.triton_backward import backward_configs, launch_backward  # noqa: E402
 
 REL_BOUND = {"fp32": 1e-5, "tf32": 1e-2, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRADS = ("dq", "dk", "dv", "dextra_k", "dextra_v")
@@ -83,7 +85,8 @@ def _random_case(seed, small):
         q_tile=_pow2_tile(rng, ndim, rng.choice(volumes[0]), shape),
         kv_tile=_pow2_tile(rng, ndim, rng.choice(volumes[1]), shape),
         batch=rng.choice([1, 2]), scale=rng.choice([None, 0.3]),
-        fused=rng.random() < 0.4, dlse=rng.random() < 0.7)
+        fused=rng.random() < 0.4, dlse=rng.random() < 0.7,
+        kv_major=rng.random() < 0.5, tma=rng.random() < 0.5)
 
 
 def _inputs(case, dtype, seed):
@@ -132,8 +135,16 @@ def _run(case, dtype, precision="ieee", seed=0):
                                              kv_tile_shape=case["kv_tile"]))
     tf32 = precision == "tf32"
     out, lse = launch_forward(q, k, v, ek, ev, problem.geometry, problem.scale, config, tf32)
+    # Both dK/dV orientations and both ways of reading the streamed tiles, whatever the
+    # defaults for this device are.
+    configs = backward_configs(problem.geometry, config, q.element_size(),
+                               _next_pow2(max(case["head_dim"], 16)), shared_limit(q.device),
+                               dtype == torch.float32 and not tf32)
+    configs = (dataclasses.replace(configs[0], use_tma=case.get("tma", False)),
+               dataclasses.replace(configs[1], use_tma=case.get("tma", False),
+                                   kv_major=case.get("kv_major", False)))
     grads = launch_backward(q, k, v, ek, ev, out, lse, dout, dlse, problem.geometry,
-                            problem.scale, config, tf32)
+                            problem.scale, config, tf32, configs)
     return (q, k, v, ek, ev, dout, dlse), grads
 
 
@@ -252,7 +263,7 @@ def test_backward_kernel_config_defaults_fit_h100():
     memory model (the model itself was checked against sm_90 AOT compiles), with KV tiles
     capped by head dim."""
     for (q_tile, kv_tiles), head_dim, elem in itertools.product(
-            _CANDIDATE_TILES.values(), (32, 64, 128, 256), (2, 4)):
+            gna.sim.KERNEL_TILES.values(), (32, 64, 128, 256), (2, 4)):
         shrink = 2 if head_dim > 128 else 1
         for kv_tile in kv_tiles:
             config = triton_backward.LaunchConfig(_halve(q_tile, shrink), _halve(kv_tile, shrink),
@@ -315,3 +326,27 @@ def test_backward_deterministic_gpu():
     _, second = _run(case, torch.bfloat16, seed=1)
     for name, a, b in zip(GRADS, first, second):
         assert torch.equal(a, b), f"{name} is not bitwise reproducible"
+
+
+def test_backward_layout_follows_measurements():
+    """dK/dV reads Q/dO through TMA on 2-D/3-D only, and computes its scores KV-major (64-token
+    Q tiles, 128-token KV tiles) only where its iteration is mask-free (the rule measured in
+    benchmarks/results/backward_sweep.jsonl)."""
+    def configs(shape, window, stride, kv_tile, tma=True):
+        q = torch.empty(1, *shape, 1, 128, device="meta", dtype=torch.float16)
+        geo = normalize(None, q, q, q, window, stride).geometry
+        q_tile = {1: (128,), 2: (8, 16), 3: (2, 8, 8)}[len(shape)]
+        config = triton_backward.LaunchConfig(q_tile, kv_tile, 8, 3, use_tma=tma)
+        return backward_configs(geo, config, 2, 128, 232448)
+
+    dq, dkdv = configs((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8))
+    assert dkdv.kv_major and dkdv.use_tma and dkdv.q_tile == (1, 8, 8), dkdv
+    assert not dq.use_tma and not dq.kv_major, dq
+    _, dkdv = configs((30, 48, 80), (18, 24, 24), (1, 1, 1), (2, 4, 8))
+    assert dkdv.use_tma and not dkdv.kv_major, dkdv
+    _, dkdv = configs((256, 256), (80, 80), (16, 16), (8, 16))
+    assert dkdv.kv_major and dkdv.q_tile == (8, 8), dkdv
+    _, dkdv = configs((32768,), (2048,), (2048,), (128,))
+    assert not dkdv.use_tma and not dkdv.kv_major, dkdv
+    _, dkdv = configs((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8), tma=False)
+    assert not dkdv.use_tma and not dkdv.kv_major, dkdv

@@ -18,7 +18,7 @@ import torch
 import gna
 from gna.args import normalize
 from gna.backends import Options
-from gna.triton_backend import LaunchConfig, default_config, launch_forward
+from gna.triton_backend import LaunchConfig, count_tiles, default_config, launch_forward
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -204,6 +204,36 @@ def test_default_tiles_make_block_sparse_settings_mask_free():
         config = default_config(problem, Options())
         visited, full = problem.geometry.tile_counts(config.q_tile, config.kv_tile)
         assert (visited == full).all(), (shape, window, stride, config)
+
+
+def _tile_count_case(seed):
+    """Layouts several tiles long per axis, so programs see mask-free and masked KV tiles."""
+    rng = random.Random(seed)
+    ndim = rng.choice([1, 2, 3])
+    shape = [rng.randint(*{1: (60, 200), 2: (12, 24), 3: (6, 10)}[ndim]) for _ in range(ndim)]
+    dilation = [rng.choice([1, 1, 2]) for _ in shape]
+    kernel = [rng.randint(1, n // d) for n, d in zip(shape, dilation)]
+    stride = [rng.choice([1, rng.randint(1, k)]) for k in kernel]
+    causal = [rng.random() < 0.3 for _ in shape]
+    q_tile = _pow2_tiles(rng, ndim, rng.choice([16, 32]))
+    kv_tile = _pow2_tiles(rng, ndim, rng.choice([16, 32]))
+    return shape, kernel, stride, dilation, causal, q_tile, kv_tile
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_tile_counts_equal_simulator(seed):
+    """The forward kernel's debug counters (KV tiles each program's loops ran, and how many were
+    masked) equal the simulator's per-Q-tile counts, on random problems and tiles: the kernel
+    walks exactly the tiles gna.sim (through gna.geometry) says it does."""
+    shape, kernel, stride, dilation, causal, q_tile, kv_tile = _tile_count_case(seed)
+    q = torch.randn(1, *shape, 1, 16, device=DEVICE, dtype=torch.float16)
+    problem = normalize(None, q, q, q, kernel, stride, dilation, causal)
+    config = default_config(problem, Options(q_tile_shape=q_tile, kv_tile_shape=kv_tile))
+    visited, masked = count_tiles(q, q, q, problem.geometry, config)
+    report = gna.sim.simulate_geometry(problem.geometry, q_tile, kv_tile, flat=False)
+    case = (shape, kernel, stride, dilation, causal, q_tile, kv_tile)
+    assert visited.tolist() == report.tiled.visited.tolist(), case
+    assert masked.tolist() == report.tiled.masked.tolist(), case
 
 
 # --- GPU only -------------------------------------------------------------------------------

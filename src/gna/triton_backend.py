@@ -21,9 +21,11 @@ import os
 import numpy as np
 import torch
 
+from . import sim
 from .args import Problem, normalize_geometry, normalize_scale, per_dim
 from .backends import Backend, Options, register
 from .geometry import Geometry, group_length
+from .sim import _halve, _next_pow2
 
 try:  # Triton is optional: without it this backend reports why it cannot run.
     import triton
@@ -55,55 +57,9 @@ class LaunchConfig:
     warp_specialize: bool = False  # Triton's warp specialization of the mask-free loop
 
 
-# Candidate tile shapes per number of dimensions (Q tile, KV tiles), before fitting them to
-# the problem; for head_dim 256 each volume is halved. Measured on H100, fp16, d=128
-# (benchmarks/results/forward_sweep.jsonl): 128-token KV tiles won on perfectly block-sparse
-# settings (3-D stride 16x8x8: 35.5 ms vs 39.6 ms with 64), 64-token ones where many tiles are
-# partial (3-D stride 1: 78.6 ms vs 91.3 ms). _default_config_cached picks with the cost model
-# below.
-_CANDIDATE_TILES = {
-    1: ((128,), ((64,), (128,))),
-    2: ((8, 16), ((8, 8), (8, 16))),
-    3: ((2, 8, 8), ((2, 4, 8), (1, 8, 8), (2, 8, 8))),
-}
-# Cost of a KV tile visit in "key tokens": its volume, times _MASK_COST[ndim] when partial,
-# plus _TILE_OVERHEAD. Fitted to the H100 sweep above (3-D masks are 6 compares per score).
-_MASK_COST = {1: 1.0, 2: 1.0, 3: 3.0}
-_TILE_OVERHEAD = 24
 # Warp specialization of the mask-free loop, per number of dimensions (H100, fp16, d=128, with
 # TMA): 2-D stride 16x16 went 12.06 -> 10.56 ms; 1-D and 3-D were unchanged or 1-2% slower.
 _WARP_SPECIALIZE = {1: False, 2: True, 3: False}
-
-
-def _tile_cost(geo: Geometry, q_tile, kv_tile) -> float:
-    visited, full = geo.tile_counts(q_tile, kv_tile)
-    volume = math.prod(kv_tile)
-    partial = int(visited.sum() - full.sum())
-    return (int(full.sum()) * volume + partial * volume * _MASK_COST[geo.ndim]
-            + int(visited.sum()) * _TILE_OVERHEAD)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _halve(tile: tuple[int, ...], factor: int) -> tuple[int, ...]:
-    """Divide a tile's volume by ``factor`` (1 or 2), taking it off the largest dimension."""
-    if factor == 1:
-        return tile
-    tile = list(tile)
-    tile[tile.index(max(tile))] //= factor
-    return tuple(tile)
-
-
-def _fit(tile: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, ...]:
-    """Shrink tile dimensions longer than the axis, moving the volume to the last axis."""
-    fitted = [min(t, _next_pow2(n)) for t, n in zip(tile, lengths)]
-    volume = math.prod(tile)
-    for a in reversed(range(len(fitted))):
-        while math.prod(fitted) < volume and fitted[a] < _next_pow2(lengths[a]):
-            fitted[a] *= 2
-    return tuple(fitted)
 
 
 def default_config(problem: Problem, options: Options) -> LaunchConfig:
@@ -147,14 +103,17 @@ def _default_config_cached(geo: Geometry, head_dim: int, q_tile, kv_tile, tma: b
     problem (H100 fp16 d=128: 2-D w80 18.4 -> 15.4 ms, 3-D w18x24x24 78.3 -> 70.1 ms,
     benchmarks/results/forward_sweep.jsonl). Default tiles shrink, and stages drop, until the
     kernel fits ``limit`` bytes of shared memory for ``elem``-byte inputs."""
-    lengths = tuple(group_length(n, d, 0) for n, d in zip(geo.shape, geo.dilation))
-    q_target, kv_targets = _CANDIDATE_TILES[geo.ndim]
-    shrink = 2 if head_dim > 128 else 1
     user_q, user_kv = q_tile, kv_tile
-    q_tile = q_tile or _fit(_halve(q_target, shrink), lengths)
-    if kv_tile is None:
-        candidates = {_fit(_halve(t, shrink), lengths) for t in kv_targets}
-        kv_tile = min(sorted(candidates), key=lambda t: _tile_cost(geo, q_tile, t))
+    if q_tile is None or kv_tile is None:
+        # The simulator's cheapest candidate (its cost model was fitted to the H100 forward
+        # sweep; see gna.sim), keeping whichever tile the caller fixed.
+        candidates = sim.kernel_candidates(geo, head_dim)
+        if q_tile is not None:
+            candidates = [(q_tile, kv) for _, kv in candidates]
+        if kv_tile is not None:
+            candidates = [(q, kv_tile) for q, _ in candidates]
+        best = sim.rank_tiles(geo, candidates)[0]
+        q_tile, kv_tile = best.q_tile, best.kv_tile
     for name, tile in (("q_tile_shape", q_tile), ("kv_tile_shape", kv_tile)):
         if any(t < 1 or t & (t - 1) for t in tile):
             raise ValueError(f"{name} entries must be powers of two, got {name}={tile}")
@@ -246,8 +205,11 @@ def _strides(t: torch.Tensor, ndim: int):
 
 
 def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, config: LaunchConfig,
-                   tf32: bool = False):
-    """Run the forward kernel. Returns ``out`` (contiguous, q's dtype) and ``lse`` (float32)."""
+                   tf32: bool = False, counts: torch.Tensor | None = None):
+    """Run the forward kernel. Returns ``out`` (contiguous, q's dtype) and ``lse`` (float32).
+
+    ``counts`` (debug mode, see :func:`count_tiles`): an int32 tensor of ``2 * programs per
+    head`` elements that receives each program's visited and masked KV tile counts."""
     ndim = geo.ndim
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
@@ -262,11 +224,34 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
     lse_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
     grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
     head_dim_p2 = _next_pow2(max(head_dim, 16))
+    if counts is not None:  # a loop-carried counter; warp specialization is not needed here
+        config = dataclasses.replace(config, warp_specialize=False)
     with _scratch_allocator(config.use_tma):
-        _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, ndim, lse_strides,
+        _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, counts, ndim, lse_strides,
                 extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32,
                 config)
     return out, lse
+
+
+def count_tiles(q, k, v, geo: Geometry, config: LaunchConfig):
+    """Debug mode of the forward kernel: the KV tiles each Q tile's program actually visited,
+    and how many of those it masked, as two int64 arrays in :meth:`Geometry.tile_counts`'
+    order (dilation groups in :meth:`Geometry.groups` order, Q tiles row-major in a group), the
+    order of :class:`gna.sim.TilingFigures`' ``visited`` and ``masked``."""
+    plan = _plan(geo, config.q_tile, config.kv_tile)
+    n_groups = math.prod(plan.geo3.dilation)
+    counts = torch.full((n_groups, math.prod(plan.n_tiles), 2), -1, dtype=torch.int32,
+                        device=q.device)
+    launch_forward(q, k, v, None, None, geo, 1.0, config, counts=counts)
+    counts = counts.cpu().numpy().astype(np.int64)
+    visited, masked = [], []
+    # Programs run over group 0's tile box; a shorter group's tiles past its end did nothing.
+    for g, (_, dims) in enumerate(plan.geo3.groups()):
+        n_tiles = [dim.num_tiles(t) for dim, t in zip(dims, plan.q_tile)]
+        box = counts[g].reshape(*plan.n_tiles, 2)[: n_tiles[0], : n_tiles[1], : n_tiles[2]]
+        visited.append(box[..., 0].reshape(-1))
+        masked.append(box[..., 1].reshape(-1))
+    return np.concatenate(visited), np.concatenate(masked)
 
 
 def unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -308,27 +293,31 @@ def _scratch_allocator(needed: bool):
         _allocation._allocator.reset(token)
 
 
-def _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, ndim, lse_strides,
+def _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, counts, ndim, lse_strides,
             extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32, config):
-    tensors = (q, k, v, extra_k, extra_v, out, lse, win, rng)
+    tensors = (q, k, v, extra_k, extra_v, out, lse, win, rng, rng if counts is None else counts)
     scalars = (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
                *lse_strides, *extra_strides,
                *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
                *win.stride()[:3], *rng.stride()[:3],
                heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
-    constexprs = (*plan.q_tile, *plan.kv_tile, head_dim_p2, head_dim_p2 != head_dim,
-                  num_extra > 0, "tf32" if tf32 else "ieee", config.use_tma,
-                  config.warp_specialize)
+    constexprs = dict(T0=plan.q_tile[0], T1=plan.q_tile[1], T2=plan.q_tile[2],
+                      K0=plan.kv_tile[0], K1=plan.kv_tile[1], K2=plan.kv_tile[2],
+                      HEAD_DIM=head_dim_p2, PAD_D=head_dim_p2 != head_dim,
+                      HAS_EXTRA=num_extra > 0, PRECISION="tf32" if tf32 else "ieee",
+                      USE_TMA=config.use_tma, WARP_SPECIALIZE=config.warp_specialize,
+                      COUNT_TILES=counts is not None)
     try:
-        _launch_cached(gna_forward_kernel, grid, tensors, scalars, constexprs, config)
+        launch_cached(gna_forward_kernel, grid, tensors, scalars, constexprs, config.num_warps,
+                      config.num_stages)
     except RuntimeError as e:
         # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
         # ("PassManager::run failed"); those run without it.
         if not config.warp_specialize or "PassManager" not in str(e):
             raise
-        config = dataclasses.replace(config, warp_specialize=False)
-        _launch_cached(gna_forward_kernel, grid, tensors, scalars, (*constexprs[:-1], False),
-                       config)
+        launch_cached(gna_forward_kernel, grid, tensors, scalars,
+                      {**constexprs, "WARP_SPECIALIZE": False}, config.num_warps,
+                      config.num_stages)
 
 
 def _launch_hooks_set() -> bool:
@@ -337,27 +326,30 @@ def _launch_hooks_set() -> bool:
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-_FORWARD_CONSTEXPRS = ("T0", "T1", "T2", "K0", "K1", "K2", "HEAD_DIM", "PAD_D", "HAS_EXTRA",
-                       "PRECISION", "USE_TMA", "WARP_SPECIALIZE")
 _COMPILED: dict = {}
 _MAX_CACHED_LAUNCHES = 4096
 
 
-def _launch_cached(kernel, grid, tensors, scalars, constexprs, config):
-    """Launch ``kernel(*tensors, *scalars, *constexprs)``, skipping Triton's per-call argument
-    specialization when an earlier launch had the same dtypes, pointer alignments and scalar
-    arguments (hence the same specialization). That dispatch cost ~100 us of host time per call
-    on the H100 box, more than the whole GPU time of a 32k-token 1-D problem."""
-    key = (kernel, config, constexprs, tensors[0].device, scalars,
+def launch_cached(kernel, grid, tensors, scalars, constexprs: dict, num_warps: int,
+                  num_stages: int):
+    """Launch ``kernel(*tensors, *scalars, **constexprs)`` (its parameters in that order: all
+    tensors first), skipping Triton's per-call argument specialization when an earlier launch
+    had the same dtypes, pointer alignments and scalar arguments (hence the same
+    specialization). That dispatch cost ~100 us of host time per call on the H100 box, more
+    than the whole GPU time of a 32k-token 1-D problem. Used by every forward and backward
+    launch."""
+    # In the kernel's parameter order (the fast path passes them by position).
+    values = tuple(constexprs[name] for name in kernel.arg_names[len(tensors) + len(scalars):])
+    key = (kernel, num_warps, num_stages, values, tensors[0].device, scalars,
            tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 for t in tensors))
     compiled = _COMPILED.get(key)
     if compiled is not None and not _launch_hooks_set():
         stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                     compiled.packed_metadata, None, None, None, *tensors, *scalars, *constexprs)
+                     compiled.packed_metadata, None, None, None, *tensors, *scalars, *values)
         return
-    compiled = kernel[grid](*tensors, *scalars, **dict(zip(_FORWARD_CONSTEXPRS, constexprs)),
-                            num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps,
+                            num_stages=num_stages)
     if tensors[0].is_cuda and hasattr(compiled, "packed_metadata"):
         if len(_COMPILED) >= _MAX_CACHED_LAUNCHES:  # many shapes: start over, stay bounded
             _COMPILED.clear()

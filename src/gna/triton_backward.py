@@ -18,6 +18,7 @@ forward (dK/dV: K, V and per stage Q, dO; dQ: Q, dO and per stage K, V).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -35,20 +36,22 @@ from .kernels.backward import (
 )
 from .triton_backend import (
     _LOG2E,
-    H100_SHARED,
-    shared_limit,
     LaunchConfig,
     _device_tables,
     _halve,
     _next_pow2,
     _pad3,
     _plan,
+    _scratch_allocator,
     _strides,
+    _tma_compatible,
     extra_args,
+    launch_cached,
+    shared_limit,
     unit_last,
 )
 
-__all__ = ["launch_backward"]
+__all__ = ["KernelConfig", "backward_configs", "launch_backward"]
 
 # Programs the additional-key kernel aims for (token splits x extra tiles x batch x KV heads):
 # enough to fill an H100's 132 SMs a few times over when there are few extra tiles.
@@ -78,11 +81,17 @@ def _dkdv_shared(m, n, d, e, stages):
 
 
 @dataclass(frozen=True)
-class _KernelConfig:
+class KernelConfig:
+    """Tiles and launch options of one backward kernel. ``kv_major``: dK/dV computes its
+    scores transposed (keys x queries); ``use_tma``: the tiles streamed through the loop (dK/dV:
+    Q and dO; dQ: K and V) are read through tensor descriptors (Hopper)."""
+
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
     num_warps: int
     num_stages: int
+    kv_major: bool = False
+    use_tma: bool = False
 
 
 # KV tile tokens x padded head dim, at most. Measured on H100 (fp16, d=128, 24 heads, ms of
@@ -101,7 +110,7 @@ _FMA_DOT_VOLUME = 32 * 32 * 128
 
 @functools.lru_cache(maxsize=256)
 def _kernel_config(kind: str, config: LaunchConfig, elem: int, head_dim_p2: int,
-                   shared_limit: int, fma_dots: bool = False) -> _KernelConfig:
+                   shared_limit: int, fma_dots: bool = False) -> KernelConfig:
     """Tiles and launch options of the ``"dq"`` or ``"dkdv"`` kernel (the additional-key
     kernel shares dK/dV's), starting from the forward's:
 
@@ -129,7 +138,7 @@ def _kernel_config(kind: str, config: LaunchConfig, elem: int, head_dim_p2: int,
         tiles[shrinkable[0]] = _halve(tiles[shrinkable[0]], 2)
     m, n = math.prod(tiles[0]), math.prod(tiles[1])
     num_warps = 8 if m * max(n, head_dim_p2) >= 8192 else config.num_warps
-    return _KernelConfig(tiles[0], tiles[1], num_warps, max(stages, 1))
+    return KernelConfig(tiles[0], tiles[1], num_warps, max(stages, 1))
 
 
 # --- geometry tables ----------------------------------------------------------------------
@@ -176,10 +185,52 @@ def _device_inv(geo: Geometry, q_tile, kv_tile, device: torch.device):
     return plan, inv
 
 
+def _tile_constexprs(plan) -> dict:
+    (t0, t1, t2), (k0, k1, k2) = plan.q_tile, plan.kv_tile
+    return dict(T0=t0, T1=t1, T2=t2, K0=k0, K1=k1, K2=k2)
+
+
 # --- launcher -----------------------------------------------------------------------------
 
+# Layout choices of the dK/dV kernel, from benchmarks/tune_backward.py on H100 (fp16, d=128,
+# ms of the dK/dV kernel; benchmarks/results/backward_sweep.jsonl):
+# - Q and dO through TMA: 2-D stride 16 35.3 -> 31.9, 2-D w80 44.1 -> 42.0, 3-D stride 16x8x8
+#   100.4 -> 97.0, 3-D w18x24x24 243 -> 238; 1-D 4% slower (0.257 -> 0.267), so 2-D/3-D only.
+# - Scores transposed (KV-major) with 64-token Q and 128-token KV tiles, 3 stages, where the
+#   dK/dV iteration is mask-free: 2-D stride 16 31.9 -> 29.5, 3-D stride 16x8x8 97.0 -> 94.7.
+#   Where most tiles are masked it is far slower (3-D w18x24x24 238 -> 357: the transposed
+#   masked path spills ~1 KB per thread on sm_90), hence only on mask-free iterations.
+# The dQ kernel keeps pointer loads: TMA for K/V measured equal on block-sparse problems and
+# slower with masks (3-D w18x24x24, 3 stages: 75 -> 90 ms).
+_DKDV_TMA = {1: False, 2: True, 3: True}
+# The KV-major layout's Q tile, as measured, in place of the forward's default Q tile.
+_KV_MAJOR_Q_TILE = {(8, 16): (8, 8), (2, 8, 8): (1, 8, 8)}
+
+
+@functools.lru_cache(maxsize=256)
+def backward_configs(geo: Geometry, config: LaunchConfig, elem: int, head_dim_p2: int,
+                     limit: int, fma_dots: bool = False) -> tuple[KernelConfig, KernelConfig]:
+    """``(dq, dkdv)`` kernel configurations for ``geo``, derived from the forward's ``config``
+    (see the measurements above)."""
+    dq = _kernel_config("dq", config, elem, head_dim_p2, limit, fma_dots)
+    dkdv = _kernel_config("dkdv", config, elem, head_dim_p2, limit, fma_dots)
+    if not (config.use_tma and _DKDV_TMA[geo.ndim]):
+        return dq, dkdv
+    dkdv = dataclasses.replace(dkdv, use_tma=True)
+    q_tile = _KV_MAJOR_Q_TILE.get(tuple(config.q_tile)) or _halve(tuple(config.q_tile), 2)
+    kv_tile = tuple(config.kv_tile)
+    measured = elem == 2 and head_dim_p2 == 128 and math.prod(kv_tile) == 128
+    if measured and math.prod(q_tile) == 64:
+        visited, full = geo.tile_counts(q_tile, kv_tile)
+        stages = next((s for s in (3, 2) if _dkdv_shared(64, 128, 128, 2, s) <= limit), 0)
+        if stages and int(visited.sum()) == int(full.sum()):
+            dkdv = KernelConfig(q_tile, kv_tile, 8, stages, kv_major=True, use_tma=True)
+    return dq, dkdv
+
+
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
-                    scale: float, config: LaunchConfig, tf32: bool = False):
+                    scale: float, config: LaunchConfig, tf32: bool = False,
+                    configs: tuple[KernelConfig, KernelConfig] | None = None):
     """Gradients of GNA w.r.t. ``q, k, v`` and the additional keys/values.
 
     Args:
@@ -193,6 +244,8 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         config: the forward's tiles and launch options; each kernel starts from them and is
             fitted to the device's shared memory.
         tf32: fp32 inputs multiply in TF32 instead of IEEE fp32.
+        configs: ``(dq, dkdv)`` kernel configurations instead of :func:`backward_configs`'
+            (tuning scripts and tests).
 
     Returns ``(dq, dk, dv, dextra_k, dextra_v)`` with the inputs' shapes and dtypes
     (contiguous); the extra gradients are None without additional keys.
@@ -205,9 +258,13 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     head_dim_p2 = _next_pow2(max(head_dim, 16))
     limit = shared_limit(q.device)
     fma_dots = q.dtype == torch.float32 and not tf32
-    dq_config = _kernel_config("dq", config, q.element_size(), head_dim_p2, limit, fma_dots)
-    dkdv_config = _kernel_config("dkdv", config, q.element_size(), head_dim_p2, limit,
-                                 fma_dots)
+    if configs is None:
+        configs = backward_configs(geo, config, q.element_size(), head_dim_p2, limit, fma_dots)
+    dq_config, dkdv_config = configs
+    if dq_config.use_tma and not _tma_compatible(k, v):
+        dq_config = dataclasses.replace(dq_config, use_tma=False)
+    if dkdv_config.use_tma and not _tma_compatible(q, dout):
+        dkdv_config = dataclasses.replace(dkdv_config, use_tma=False)
     precision = "tf32" if tf32 else "ieee"
     qk_scale = scale * _LOG2E
 
@@ -221,12 +278,13 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     lengths = _pad3(geo.shape, 1)
     num_tokens = math.prod(lengths)
     delta_tokens = _DELTA_TOKENS * 128 // max(head_dim_p2, 128)
-    gna_backward_delta_kernel[(triton.cdiv(num_tokens, delta_tokens), batch * heads)](
-        out, dout, dlse if dlse is not None else delta, delta,
-        *_strides(out, ndim), *_strides(dout, ndim), *l_strides,
-        lengths[1], lengths[2], num_tokens, heads,
-        BLOCK_M=delta_tokens, HEAD_DIM=head_dim_p2, head_dim=head_dim,
-        HAS_DLSE=dlse is not None, num_warps=4)
+    launch_cached(
+        gna_backward_delta_kernel, (triton.cdiv(num_tokens, delta_tokens), batch * heads, 1),
+        (out, dout, dlse if dlse is not None else delta, delta),
+        (*_strides(out, ndim), *_strides(dout, ndim), *l_strides, lengths[1], lengths[2],
+         num_tokens, heads),
+        dict(BLOCK_M=delta_tokens, HEAD_DIM=head_dim_p2, head_dim=head_dim,
+             HAS_DLSE=dlse is not None), num_warps=4, num_stages=1)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -239,14 +297,17 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     geo_args = (*plan.geo3.shape, *plan.geo3.dilation)
     n_groups = math.prod(plan.geo3.dilation)
-    gna_backward_dkdv_kernel[(math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, win, inv,
-        *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
-        *l_strides, *_strides(dk, ndim), *_strides(dv, ndim),
-        *geo_args, *inv_plan.n_kv_tiles, *win.stride()[:3], *inv.stride()[:3],
-        heads_kv, groups_per_kv, qk_scale, scale,
-        *plan.q_tile, *plan.kv_tile, HEAD_DIM=head_dim_p2, head_dim=head_dim,
-        PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
+    with _scratch_allocator(c.use_tma):
+        launch_cached(
+            gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv),
+            (q, k, v, dout, lse, delta, dk, dv, win, inv),
+            (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
+             *l_strides, *_strides(dk, ndim), *_strides(dv, ndim),
+             *geo_args, *inv_plan.n_kv_tiles, *win.stride()[:3], *inv.stride()[:3],
+             heads_kv, groups_per_kv, qk_scale, scale),
+            dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
+                 PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma),
+            c.num_warps, c.num_stages)
 
     extra_k, extra_v, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
 
@@ -254,15 +315,17 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     c = dq_config
     plan = _plan(geo, c.q_tile, c.kv_tile)
     win, rng = _device_tables(plan, q.device)
-    gna_backward_dq_kernel[(math.prod(plan.n_tiles), n_groups, batch * heads)](
-        q, k, v, extra_k, extra_v, dout, lse, delta, dq, win, rng,
-        *_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
-        *l_strides, *_strides(dq, ndim), *extra_strides,
-        *geo_args, *plan.n_tiles, *win.stride()[:3], *rng.stride()[:3],
-        heads, groups_per_kv, num_extra, qk_scale, scale,
-        *plan.q_tile, *plan.kv_tile, HEAD_DIM=head_dim_p2, head_dim=head_dim,
-        HAS_EXTRA=num_extra > 0, PRECISION=precision,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+    with _scratch_allocator(c.use_tma):
+        launch_cached(
+            gna_backward_dq_kernel, (math.prod(plan.n_tiles), n_groups, batch * heads),
+            (q, k, v, extra_k, extra_v, dout, lse, delta, dq, win, rng),
+            (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
+             *l_strides, *_strides(dq, ndim), *extra_strides,
+             *geo_args, *plan.n_tiles, *win.stride()[:3], *rng.stride()[:3],
+             heads, groups_per_kv, num_extra, qk_scale, scale),
+            dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
+                 HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
+            c.num_warps, c.num_stages)
 
     if num_extra == 0:
         return dq, dk, dv, None, None
@@ -273,7 +336,7 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,
-                  qk_scale, config: _KernelConfig, head_dim_p2, precision):
+                  qk_scale, config: KernelConfig, head_dim_p2, precision):
     """dK/dV of the additional keys: fp32 partial sums over token splits, then a sum over the
     splits in a fixed order (deterministic)."""
     batch, num_extra, heads_kv, head_dim = extra_k.shape
@@ -286,13 +349,14 @@ def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndi
     splits = triton.cdiv(num_tokens, per_split)
     part = torch.empty((2, splits, batch, num_extra, heads_kv, head_dim), dtype=torch.float32,
                        device=q.device)
-    gna_backward_extra_kernel[(n_tiles, splits, batch * heads_kv)](
-        q, extra_k, extra_v, dout, lse, delta, part[0], part[1],
-        *_strides(q, ndim), *_strides(dout, ndim), *l_strides,
-        *extra_k.stride()[:3], *extra_v.stride()[:3], *part.stride()[1:5],
-        lengths[1], lengths[2], num_tokens, per_split,
-        heads_kv, q.shape[-2] // heads_kv, num_extra, qk_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim_p2, head_dim=head_dim,
-        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+    launch_cached(
+        gna_backward_extra_kernel, (n_tiles, splits, batch * heads_kv),
+        (q, extra_k, extra_v, dout, lse, delta, part[0], part[1]),
+        (*_strides(q, ndim), *_strides(dout, ndim), *l_strides,
+         *extra_k.stride()[:3], *extra_v.stride()[:3], *part.stride()[1:5],
+         lengths[1], lengths[2], num_tokens, per_split,
+         heads_kv, q.shape[-2] // heads_kv, num_extra, qk_scale),
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim_p2, head_dim=head_dim,
+             PRECISION=precision), config.num_warps, config.num_stages)
     grads = part.sum(1)
     return (grads[0] * scale).to(extra_k.dtype), grads[1].to(extra_v.dtype)

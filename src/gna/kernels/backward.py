@@ -29,8 +29,9 @@ are padded with unit dimensions in front.
 import triton
 import triton.language as tl
 
-from .tiles import (full_tile, in_window, load_ranges, load_windows, partial_count,
-                    partial_tile, program_group, split3, tile_coords)
+from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
+                    load_windows, partial_count, partial_tile, program_group, split3,
+                    tile_coords)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -81,15 +82,30 @@ def gna_backward_delta_kernel(
 # --- dK / dV ------------------------------------------------------------------------------
 
 @triton.jit
+def _load_q_box(grp, desc, h, t0, t1, t2, s0, s1, s2, row, sh, row_ok, d_mask, offs_d,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """Query-side rows (Q or dO) of Q tile ``(t0, t1, t2)``, head ``h``: through the tensor
+    descriptor ``desc`` (the copy engine zero-fills rows past the group's end), or per-row
+    pointers from the group origin ``grp`` (tile offsets ``s*``, row offsets ``row``)."""
+    if USE_TMA:
+        box = desc.load([t0 * T0, t1 * T1, t2 * T2, h.to(tl.int32), 0])
+        return box.reshape(T0 * T1 * T2, HEAD_DIM)
+    return _load_rows(grp + s0 + s1 + s2 + h * sh + row[:, None] + offs_d[None, :], row_ok,
+                      d_mask)
+
+
+@triton.jit
 def _dkdv_step(
     dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
-    q_grp, do_grp, Lse, Delta, l_grp, q_row, do_row, l_row,
+    q_grp, do_grp, q_desc, do_desc, Lse, Delta, l_grp, q_row, do_row, l_row,
     sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
     step0, step1, step2, r0, r1, r2, G0, G1, G2,
     Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Step ``n`` of a dK/dV loop: Q tile ``n // groups_per_kv`` of the full box (or, with
     ``MASKED``, of the visited box minus the full box), query head ``n % groups_per_kv`` of
@@ -106,10 +122,10 @@ def _dkdv_step(
     i2 = t2 * T2 + r2
     row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
     s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
-    q = _load_rows(q_grp + s0 * sq_0 + s1 * sq_1 + s2 * sq_2 + h * sq_h + q_row[:, None]
-                   + offs_d[None, :], row_ok, d_mask)
-    do = _load_rows(do_grp + s0 * sdo_0 + s1 * sdo_1 + s2 * sdo_2 + h * sdo_h + do_row[:, None]
-                    + offs_d[None, :], row_ok, d_mask)
+    q = _load_q_box(q_grp, q_desc, h, t0, t1, t2, s0 * sq_0, s1 * sq_1, s2 * sq_2, q_row, sq_h,
+                    row_ok, d_mask, offs_d, T0, T1, T2, HEAD_DIM, USE_TMA)
+    do = _load_q_box(do_grp, do_desc, h, t0, t1, t2, s0 * sdo_0, s1 * sdo_1, s2 * sdo_2,
+                     do_row, sdo_h, row_ok, d_mask, offs_d, T0, T1, T2, HEAD_DIM, USE_TMA)
     # Padding rows load lse = delta = 0 with q = dO = 0: finite, and they add nothing.
     l_off = l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2 + h * sl_h + l_row
     lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
@@ -117,21 +133,35 @@ def _dkdv_step(
     if MASKED:
         ws0, we0, ws1, we1, ws2, we2 = load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
                                                      i0, i1, i2, row_ok)
-    # Scores [queries, keys]: the Q tile is the GEMMs' M side (wgmma wants 64-row warpgroups
-    # there); P and dS reach the dV / dK GEMMs transposed. The transposed orientation (keys on
-    # M, P^T straight from registers, as Triton's tutorial does) measured slower on H100 (fp16,
-    # d=128, 3-D 30x48x80x24, stride 16x8x8 / 1): Q 64 / KV 128 transposed 124 / 359 ms vs
-    # Q 128 / KV 64 here 100 / 210 ms.
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
-    if MASKED:
-        seen = in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None], we0[:, None],
-                          ws1[:, None], we1[:, None], ws2[:, None], we2[:, None])
-        s = tl.where(seen, s, float("-inf"))
-    p = tl.exp2(s)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    if KV_MAJOR:
+        # Scores transposed, [keys, queries]: P^T and dS^T come out of the GEMMs in the
+        # registers the dV and dK GEMMs take as their A operand (no trip through shared
+        # memory); the KV tile is the M side.
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]
+        if MASKED:
+            seen = in_window(kx0[:, None], kx1[:, None], kx2[:, None], ws0[None, :],
+                             we0[None, :], ws1[None, :], we1[None, :], ws2[None, :],
+                             we2[None, :])
+            s = tl.where(seen, s, float("-inf"))
+        p = tl.exp2(s)
+        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
+    else:
+        # Scores [queries, keys]: the Q tile is the GEMMs' M side; P and dS reach the dV / dK
+        # GEMMs transposed, through shared memory.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
+        if MASKED:
+            seen = in_window(kx0[None, :], kx1[None, :], kx2[None, :], ws0[:, None],
+                             we0[:, None], ws1[:, None], we1[:, None], ws2[:, None],
+                             we2[:, None])
+            s = tl.where(seen, s, float("-inf"))
+        p = tl.exp2(s)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -153,9 +183,11 @@ def gna_backward_dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, PRECISION: tl.constexpr,
+    KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dK, dV of one KV tile, one batch, one KV head. Tiles past the end of a shorter dilation
-    group have empty ranges and masked stores."""
+    group have empty ranges and masked stores. ``KV_MAJOR`` computes the scores transposed
+    (keys x queries); ``USE_TMA`` reads Q and dO through tensor descriptors (Hopper)."""
     BLOCK_N: tl.constexpr = K0 * K1 * K2
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     pid_t = tl.program_id(0)
@@ -205,6 +237,19 @@ def gna_backward_dkdv_kernel(
     step1 = (T1 * D1).to(tl.int64)
     step2 = (T2 * D2).to(tl.int64)
     h_first = h_kv * groups_per_kv
+    if USE_TMA:
+        heads = heads_kv * groups_per_kv
+        q_desc = tl.make_tensor_descriptor(
+            q_grp, shape=[G0, G1, G2, heads, head_dim],
+            strides=[D0 * sq_0, D1 * sq_1, D2 * sq_2, sq_h, 1],
+            block_shape=[T0, T1, T2, 1, HEAD_DIM])
+        do_desc = tl.make_tensor_descriptor(
+            do_grp, shape=[G0, G1, G2, heads, head_dim],
+            strides=[D0 * sdo_0, D1 * sdo_1, D2 * sdo_2, sdo_h, 1],
+            block_shape=[T0, T1, T2, 1, HEAD_DIM])
+    else:
+        q_desc = None
+        do_desc = None
 
     # Q tile ranges of this KV tile per dimension: visited [f, l), mask-free [ff, fl).
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = load_ranges(
@@ -216,11 +261,12 @@ def gna_backward_dkdv_kernel(
         dk, dv = _dkdv_step(
             dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
             f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
-            q_grp, do_grp, Lse, Delta, l_grp, q_row, do_row, l_row,
+            q_grp, do_grp, q_desc, do_desc, Lse, Delta, l_grp, q_row, do_row, l_row,
             sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
             step0, step1, step2, r0, r1, r2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
-            T0, T1, T2, MASKED=False, PRECISION=PRECISION)
+            T0, T1, T2, HEAD_DIM, MASKED=False, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
+            PRECISION=PRECISION)
 
     # 2. Partial Q tiles: the visited box minus the full box, with per-query window masks.
     n_partial = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
@@ -228,11 +274,12 @@ def gna_backward_dkdv_kernel(
         dk, dv = _dkdv_step(
             dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
             f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
-            q_grp, do_grp, Lse, Delta, l_grp, q_row, do_row, l_row,
+            q_grp, do_grp, q_desc, do_desc, Lse, Delta, l_grp, q_row, do_row, l_row,
             sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
             step0, step1, step2, r0, r1, r2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
-            T0, T1, T2, MASKED=True, PRECISION=PRECISION)
+            T0, T1, T2, HEAD_DIM, MASKED=True, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
+            PRECISION=PRECISION)
 
     mask = col_ok[:, None] & d_mask[None, :]
     tl.store(dK + b * sdk_b + hk * sdk_h + (x0 * sdk_0 + x1 * sdk_1 + x2 * sdk_2)[:, None]
@@ -275,9 +322,10 @@ def gna_backward_dq_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """dQ of one Q tile, one batch, one head: the forward's KV iteration, then the extra keys."""
+    """dQ of one Q tile, one batch, one head: the forward's KV iteration, then the extra keys.
+    ``USE_TMA`` reads K and V through tensor descriptors (Hopper), as the forward does."""
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     BLOCK_N: tl.constexpr = K0 * K1 * K2
     pid_t = tl.program_id(0)
@@ -330,20 +378,28 @@ def gna_backward_dq_kernel(
     step1 = (K1 * D1).to(tl.int64)
     step2 = (K2 * D2).to(tl.int64)
 
+    if USE_TMA:
+        k_desc = group_descriptor(k_grp, G0, G1, G2, D0, D1, D2, sk_0, sk_1, sk_2, head_dim,
+                                  K0, K1, K2, HEAD_DIM)
+        v_desc = group_descriptor(v_grp, G0, G1, G2, D0, D1, D2, sv_0, sv_1, sv_2, head_dim,
+                                  K0, K1, K2, HEAD_DIM)
+    else:
+        k_desc = None
+        v_desc = None
+    PAD_D: tl.constexpr = HEAD_DIM != head_dim
+
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # 1. Mask-free KV tiles.
     for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
         j0, j1, j2 = full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
-        k_ptrs = k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2 + k_col[:, None] + offs_d[None, :]
-        v_ptrs = v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2 + v_col[:, None] + offs_d[None, :]
-        if HEAD_DIM != head_dim:
-            k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = load_kv_tile(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2, k_desc, k_col, offs_d,
+                         d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        v = load_kv_tile(v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2, v_desc, v_col, offs_d,
+                         d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
         dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, c0, c1, c2,
                          ws0, we0, ws1, we1, ws2, we2, qk_scale,
                          MASKED=False, PRECISION=PRECISION)
@@ -354,10 +410,12 @@ def gna_backward_dq_kernel(
         kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
         col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
-        k = _load_rows(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2 + k_col[:, None]
-                       + offs_d[None, :], col_ok, d_mask)
-        v = _load_rows(v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2 + v_col[:, None]
-                       + offs_d[None, :], col_ok, d_mask)
+        k = load_kv_tile(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2, k_desc, k_col, offs_d,
+                         d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                         MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        v = load_kv_tile(v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2, v_desc, v_col, offs_d,
+                         d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                         MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
         dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, kx0, kx1, kx2,
                          ws0, we0, ws1, we1, ws2, we2, qk_scale,
                          MASKED=True, PRECISION=PRECISION)

@@ -20,32 +20,13 @@ softmax is online, in fp32, with ``exp2`` and the scale folded into ``qk_scale``
 import triton
 import triton.language as tl
 
-from .tiles import (full_tile, in_window, load_ranges, load_windows, partial_count,
-                    partial_tile, program_group, split3, tile_coords)
+from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
+                    load_windows, partial_count, partial_tile, program_group, split3,
+                    tile_coords)
 
 # Finite stand-in for -inf as the running max: a row whose first tiles are fully masked must
 # not compute exp2(-inf - -inf).
 _NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _load_tile(base, desc, col, offs_d, d_mask, j0, j1, j2, col_ok,
-               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HEAD_DIM: tl.constexpr,
-               MASKED: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """A ``[K0*K1*K2, HEAD_DIM]`` box of keys (or values) of KV tile ``(j0, j1, j2)``.
-
-    With ``USE_TMA`` the copy engine fetches the box through a tensor descriptor and zero-fills
-    what lies outside the group; otherwise per-row pointers (``base`` is the tile's origin).
-    """
-    if USE_TMA:
-        box = desc.load([j0 * K0, j1 * K1, j2 * K2, 0])
-        return box.reshape(K0 * K1 * K2, HEAD_DIM)
-    ptrs = base + col[:, None] + offs_d[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-    if PAD_D:
-        return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
-    return tl.load(ptrs)
 
 
 @triton.jit
@@ -79,7 +60,7 @@ def _attend_tile(
 # Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise).
 @triton.jit(do_not_specialize=["D0", "D1", "D2"])
 def gna_forward_kernel(
-    Q, K, V, EK, EV, Out, Lse, Win, Rng,
+    Q, K, V, EK, EV, Out, Lse, Win, Rng, Counts,
     sq_b, sq_0, sq_1, sq_2, sq_h,
     sk_b, sk_0, sk_1, sk_2, sk_h,
     sv_b, sv_0, sv_1, sv_2, sv_h,
@@ -94,9 +75,13 @@ def gna_forward_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
 ):
     """``HEAD_DIM`` is head_dim rounded up to a power of two (``PAD_D`` when they differ).
-    Tiles past the end of a shorter dilation group have empty ranges and masked stores."""
+    Tiles past the end of a shorter dilation group have empty ranges and masked stores.
+    ``COUNT_TILES`` (a debug mode) counts the KV tiles each program's loops actually ran and
+    how many of them were masked, stored as ``Counts[pid_g, pid_t] = (visited, masked)`` by the
+    programs of batch 0, head 0."""
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     BLOCK_N: tl.constexpr = K0 * K1 * K2
     pid_t = tl.program_id(0)
@@ -142,12 +127,10 @@ def gna_forward_kernel(
     v_step2 = (K2 * D2).to(tl.int64) * sv_2
 
     if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(
-            k_grp, shape=[G0, G1, G2, head_dim], strides=[D0 * sk_0, D1 * sk_1, D2 * sk_2, 1],
-            block_shape=[K0, K1, K2, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(
-            v_grp, shape=[G0, G1, G2, head_dim], strides=[D0 * sv_0, D1 * sv_1, D2 * sv_2, 1],
-            block_shape=[K0, K1, K2, HEAD_DIM])
+        k_desc = group_descriptor(k_grp, G0, G1, G2, D0, D1, D2, sk_0, sk_1, sk_2, head_dim,
+                                  K0, K1, K2, HEAD_DIM)
+        v_desc = group_descriptor(v_grp, G0, G1, G2, D0, D1, D2, sv_0, sv_1, sv_2, head_dim,
+                                  K0, K1, K2, HEAD_DIM)
     else:
         k_desc = None
         v_desc = None
@@ -155,35 +138,42 @@ def gna_forward_kernel(
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_visited = 0
+    n_masked = 0
 
     # 1. Mask-free KV tiles: every query of the tile sees every key of these.
     for n in tl.range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2),
                       warp_specialize=WARP_SPECIALIZE):
         j0, j1, j2 = full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
-        k = _load_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
-                       offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
-                       MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
-        v = _load_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
-                       offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
-                       MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        k = load_kv_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
+                         offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        v = load_kv_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
+                         offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, c0, c1, c2,
                                      ws0, we0, ws1, we1, ws2, we2, qk_scale,
                                      MASKED=False, PRECISION=PRECISION)
+        if COUNT_TILES:
+            n_visited += 1
 
     # 2. Partial KV tiles: the visited box minus the full box, as three disjoint slabs.
     for n in range(0, partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
         j0, j1, j2 = partial_tile(n, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
         kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
         col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
-        k = _load_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
-                       offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
-                       MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
-        v = _load_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
-                       offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
-                       MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        k = load_kv_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
+                         offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                         MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+        v = load_kv_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
+                         offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                         MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, kx0, kx1, kx2,
                                      ws0, we0, ws1, we1, ws2, we2, qk_scale,
                                      MASKED=True, PRECISION=PRECISION)
+        if COUNT_TILES:
+            n_visited += 1
+            n_masked += 1
 
     # 3. Additional keys/values (e.g. text tokens): seen by every query.
     if HAS_EXTRA:
@@ -217,3 +207,8 @@ def gna_forward_kernel(
              + (g2 + i2 * D2).to(tl.int64) * sl_2)
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     tl.store(Lse + b.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + tok_l, lse, mask=row_ok)
+    if COUNT_TILES:
+        if pid_bh == 0:
+            slot = Counts + (pid_g * NT0 * NT1 * NT2 + pid_t) * 2
+            tl.store(slot, n_visited)
+            tl.store(slot + 1, n_masked)

@@ -101,3 +101,37 @@ def load_windows(Win, s0, s1, s2, g0, g1, g2, i0, i1, i2, ok):
 @triton.jit
 def in_window(x0, x1, x2, ws0, we0, ws1, we1, ws2, we2):
     return ((ws0 <= x0) & (x0 < we0) & (ws1 <= x1) & (x1 < we1) & (ws2 <= x2) & (x2 < we2))
+
+
+@triton.jit
+def load_kv_tile(base, desc, col, offs_d, d_mask, j0, j1, j2, col_ok,
+                 K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 MASKED: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A ``[K0*K1*K2, HEAD_DIM]`` box of keys (or values) of KV tile ``(j0, j1, j2)`` (forward
+    and dQ kernels).
+
+    With ``USE_TMA`` the copy engine fetches the box through a tensor descriptor and zero-fills
+    what lies outside the group; otherwise per-row pointers (``base`` is the tile's origin).
+    """
+    if USE_TMA:
+        box = desc.load([j0 * K0, j1 * K1, j2 * K2, 0])
+        return box.reshape(K0 * K1 * K2, HEAD_DIM)
+    ptrs = base + col[:, None] + offs_d[None, :]
+    if MASKED:  # columns past the group's end (and padding of the head dim) read 0
+        return tl.load(ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    if PAD_D:
+        return tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def group_descriptor(base, G0, G1, G2, D0, D1, D2, s0, s1, s2, head_dim,
+                     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+    """A tensor descriptor (TMA) over one dilation group's ``G0 x G1 x G2`` tokens of one batch
+    and head, in boxes of ``K0 x K1 x K2`` tokens: ``base`` is the group's first token, ``s*``
+    the token strides, ``D*`` the dilations. The copy engine zero-fills what lies past the
+    group's end (and past ``head_dim``)."""
+    return tl.make_tensor_descriptor(
+        base, shape=[G0, G1, G2, head_dim], strides=[D0 * s0, D1 * s1, D2 * s2, 1],
+        block_shape=[K0, K1, K2, HEAD_DIM])
