@@ -480,20 +480,48 @@ def why_not(problem: Problem, options: Options) -> str | None:
     return None
 
 
+class _EagerAttention(torch.autograd.Function):
+    """Eager autograd: the same launchers as the ops, without the custom-op dispatch (its
+    argument handling and redispatch cost ~100-200 us of host time per training step, as much
+    as the GPU time of small problems). ``torch.compile`` goes through the ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, extra_k, extra_v, geo, scale, config, bwd_config, tf32):
+        out, lse = launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32)
+        ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
+        ctx.args = (geo, scale, bwd_config, tf32)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from .triton_backward import launch_backward  # imports this module
+
+        q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
+        geo, scale, config, tf32 = ctx.args
+        if grad_out is None:  # only the LSE was used
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dek, dev = launch_backward(q, k, v, extra_k, extra_v, out, lse,
+                                               grad_out.contiguous(), grad_lse, geo, scale,
+                                               config, tf32)
+        return dq, dk, dv, dek, dev, None, None, None, None, None
+
+
 def run(problem: Problem, options: Options, q, k, v, extra_k, extra_v):
     geo = problem.geometry
     tf32 = options.fp32_precision == "tf32"
+    config = default_config(problem, options)
     tensors = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        # Inference: call the launcher directly, skipping the op dispatch (host time is what
-        # bounds small problems).
-        config = default_config(problem, options)
+        # Inference: the launcher directly (host time is what bounds small problems).
         return launch_forward(q, k, v, extra_k, extra_v, geo, problem.scale, config, tf32)
-    tiles = (options.q_tile_shape, options.kv_tile_shape, options.backward_q_tile_shape,
-             options.backward_kv_tile_shape)
-    return na_forward(q, k, v, extra_k, extra_v, list(geo.kernel_size), list(geo.stride),
-                      list(geo.dilation), list(geo.causal), problem.scale,
-                      *(None if t is None else list(t) for t in tiles), tf32)
+    bwd_config = config
+    if options.backward_q_tile_shape or options.backward_kv_tile_shape:
+        bwd_config = default_config(problem, dataclasses.replace(
+            options, q_tile_shape=options.backward_q_tile_shape or options.q_tile_shape,
+            kv_tile_shape=options.backward_kv_tile_shape or options.kv_tile_shape))
+    return _EagerAttention.apply(q, k, v, extra_k, extra_v, geo, problem.scale, config,
+                                 bwd_config, tf32)
 
 
 register(Backend("triton", why_not, run), first=True)
