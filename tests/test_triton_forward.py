@@ -318,3 +318,22 @@ def test_forward_cuda_graph_gpu():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, gna.na3d(q, k, v, **kw), rtol=0, atol=0)
     assert not torch.equal(out, expected)
+
+
+def test_default_config_uses_saved_tuned_tiles(tmp_path, monkeypatch):
+    """Tiles saved by ``gna profile --optimize --save`` (gna.tuned) become the kernels' default
+    for that problem on that device; tiles passed by the caller still win."""
+    from gna import tuned
+
+    monkeypatch.setenv("GNA_CACHE_DIR", str(tmp_path))
+    tuned.forget()
+    q = torch.empty(1, 12, 20, 1, 16, device=DEVICE, dtype=torch.float16)
+    problem = normalize(None, q, q, q, (5, 7), (1, 2))
+    before = default_config(problem, Options())
+    assert (before.q_tile, before.kv_tile) != ((2, 8), (4, 4))
+    tuned.store(problem.geometry, 16, torch.float16, tuned.device_name(q.device), (2, 8), (4, 4))
+    after = default_config(problem, Options())
+    assert (after.q_tile, after.kv_tile) == ((2, 8), (4, 4))
+    mine = default_config(problem, Options(q_tile_shape=(4, 4), kv_tile_shape=(2, 8)))
+    assert (mine.q_tile, mine.kv_tile) == ((4, 4), (2, 8))
+    tuned.forget()

@@ -14,6 +14,13 @@ how sparse each problem is. It exits with status 1 if any backend disagrees.
 under multi-dimensional and flattened 1-D tiling, and with ``--sweep-stride`` a sweep over
 strides and tile shapes, plotted. Its arguments follow NATTEN's profiler (``-i``, ``-w``,
 ``-s``, ``-d``, ``-c``); bad values are reported with the API's own messages.
+
+``gna profile`` (:mod:`gna.profiler`) times one GNA problem across backends (gna's kernels,
+the reference, FlexAttention, dense cuDNN / FlashAttention) with the simulator's bound next
+to each; ``--dry-run`` lists the valid tile configurations, ``--optimize`` times the ones the
+simulator ranks best and ``--save`` keeps the winner for the ops (:mod:`gna.tuned`). As in
+NATTEN's profiler, ``-d`` is the head dim there and ``--dilation`` the dilation. ``gna plot``
+(:mod:`gna.plots`) draws the committed forward benchmark results as a PNG.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, backends, sim
+from . import __version__, backends, plots, profiler, sim
 from .api import attention, neighborhood_attention
-from .args import normalize, normalize_geometry
+from .args import normalize, normalize_geometry, per_dim
 from .backends import Options
 
 __all__ = ["COMMANDS", "UsageError", "main"]
@@ -431,12 +438,228 @@ def run_sim(args: argparse.Namespace, console: Console) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# gna profile and gna plot (the work is in gna.profiler and gna.plots)
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _profile_arguments(parser: argparse.ArgumentParser) -> None:
+    problem = parser.add_argument_group("problem (as NATTEN's profiler takes it)")
+    problem.add_argument("-i", "--input-size", type=_positive, nargs="+", required=True,
+                         metavar="N", help="spatial layout, one size per dimension")
+    problem.add_argument("-w", "--window-size", type=int, nargs="+", required=True, metavar="W",
+                         help="kernel (window) size per dimension, or one for all")
+    problem.add_argument("-s", "--stride", type=int, nargs="+", default=[1], metavar="S",
+                         help="stride per dimension, or one for all (default 1)")
+    problem.add_argument("--dilation", type=int, nargs="+", default=[1], metavar="D",
+                         help="dilation per dimension, or one for all (default 1)")
+    problem.add_argument("-c", "--causal", type=_bool_value, nargs="+", default=[False],
+                         metavar="0|1", help="causal per dimension (0/1), or one for all")
+    problem.add_argument("-b", "--batch-size", type=_positive, default=1, metavar="B")
+    problem.add_argument("-n", "--heads", type=_positive, default=1, metavar="H")
+    problem.add_argument("--heads-kv", type=_positive, metavar="H",
+                         help="key/value heads (GQA/MQA; default: --heads)")
+    problem.add_argument("-d", "--dim", type=_positive, default=64, metavar="D",
+                         help="head dim (default 64)")
+    problem.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                         help="default: fp16 on CUDA, fp32 on CPU")
+    problem.add_argument("--add-kv", type=_count, default=0, metavar="N",
+                         help="additional keys/values every query attends to (default 0)")
+    run = parser.add_argument_group("what to run")
+    run.add_argument("--backend", nargs="+", choices=profiler.BACKENDS, metavar="NAME",
+                     help=f"any of {', '.join(profiler.BACKENDS)} (default: gna on CUDA, "
+                     "reference on CPU); dense cuDNN is always timed for the speedups")
+    run.add_argument("--backprop", action="store_true",
+                     help="also time forward+backward and backward alone")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    for flag, what in (("--q-tile", "Q tile"), ("--kv-tile", "KV tile"),
+                       ("--backward-q-tile", "backward Q tile"),
+                       ("--backward-kv-tile", "backward KV tile")):
+        run.add_argument(flag, type=int, nargs="+", metavar="T",
+                         help=f"gna's {what} shape (default: the kernels' choice)")
+    run.add_argument("--warmup", type=_count, default=5, metavar="N",
+                     help="untimed calls after the first (compiling) one (default 5)")
+    run.add_argument("--repeat", type=_positive, default=20, metavar="N",
+                     help="timed calls (default 20)")
+    run.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
+    run.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                     help="write the report as JSON to FILE, or print only JSON to stdout "
+                     "when no FILE is given (schema: gna.profiler)")
+    tiles = parser.add_argument_group("tile shapes")
+    tiles.add_argument("--dry-run", action="store_true",
+                       help="list the valid tile configurations with the simulator's figures; "
+                       "runs nothing on the device")
+    tiles.add_argument("--optimize", action="store_true",
+                       help="time the configurations the simulator ranks best and the default; "
+                       "report the fastest")
+    tiles.add_argument("--top", type=_positive, metavar="N",
+                       help="configurations --optimize times (default 5); --dry-run lists "
+                       "20 unless given")
+    tiles.add_argument("--save", action="store_true",
+                       help="with --optimize: store the winner in the tile cache the ops read "
+                       "($GNA_CACHE_DIR/tiles.json or ~/.cache/gna/tiles.json)")
+
+
+def _profile_problem(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The problem and gna's tile options, validated by the API's own checks."""
+    problem = profiler.make_problem(
+        args.input_size, _scalar_or_tuple(args.window_size), _scalar_or_tuple(args.stride),
+        _scalar_or_tuple(args.dilation), _scalar_or_tuple(args.causal), batch=args.batch_size,
+        heads=args.heads, heads_kv=args.heads_kv, head_dim=args.dim, dtype=dtype,
+        additional_kv=args.add_kv, device=device)
+    tiles = {name: None if value is None else per_dim(name, _scalar_or_tuple(value),
+                                                        problem.ndim)
+             for name, value in (("q_tile_shape", args.q_tile), ("kv_tile_shape", args.kv_tile),
+                                 ("backward_q_tile_shape", args.backward_q_tile),
+                                 ("backward_kv_tile_shape", args.backward_kv_tile))}
+    return problem, Options(**tiles)
+
+
+def _print_table(console: Console, table) -> None:
+    """Tables at their natural width when written to a file or pipe (logs, pasted notes)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.width
+    console.width = max(width, 200)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def _write_json(report, args, console: Console) -> None:
+    if args.json is not None and args.json != "-":
+        profiler.save_json(report, args.json)
+        console.print(f"JSON written to {args.json}", soft_wrap=True, markup=False)
+
+
+def run_profile(args: argparse.Namespace, console: Console) -> int:
+    """Time a GNA problem on this machine across backends; dry-run or optimize tile shapes."""
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    names = args.backend or (["gna"] if device.type == "cuda" else ["reference"])
+    if args.save and not args.optimize:
+        raise UsageError("--save stores the winner of --optimize; add --optimize")
+    try:
+        problem, options = _profile_problem(args, device, dtype)
+        if args.optimize and options != Options():
+            raise UsageError("--optimize chooses the tile shapes; drop --q-tile, --kv-tile and "
+                             "the backward ones")
+        if args.optimize and (len(names) != 1 or names[0] not in ("gna", "reference")):
+            raise UsageError(f"--optimize tunes gna's tiles with one backend, gna (or reference "
+                             f"on a CPU, which ignores tiles); got --backend {' '.join(names)}")
+        if "gna" in names and options != Options():
+            profiler.check_tiles(problem, options)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+    try:  # backends report their own failures; a ValueError here is about the request
+        if args.dry_run:
+            report = profiler.dry_run(problem, args.top or 20, names, options)
+        else:
+            with profiler.make_progress() as progress:
+                if args.optimize:
+                    report = profiler.optimize(
+                        problem, names[0], top=args.top or 5, warmup=args.warmup,
+                        repeat=args.repeat, backprop=args.backprop, seed=args.seed,
+                        progress=progress)
+                else:
+                    report = profiler.profile(
+                        problem, names, options, warmup=args.warmup, repeat=args.repeat,
+                        backprop=args.backprop, seed=args.seed, progress=progress)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.optimize and args.save and not args.dry_run and report.optimize.winner is not None:
+        report = profiler.save_winner(report, problem)
+    if args.json == "-":
+        console.out(json.dumps(report.to_dict(), indent=2), highlight=False)
+    else:
+        console.print("[bold]gna profile[/bold]")
+        for line in profiler.header_lines(report):
+            console.print(line, markup=False, soft_wrap=True)
+        if args.dry_run:
+            _print_table(console, profiler.dry_run_table(
+                report, args.top or 5 if args.optimize else None))
+            for line in profiler.dry_run_notes(report):
+                console.print(line, markup=False, soft_wrap=True)
+            for b in report.backends:
+                state = "available" if b.available else f"not available: {b.reason}"
+                console.print(f"{b.name}: {state}", markup=False, soft_wrap=True)
+        elif args.optimize:
+            _print_table(console, profiler.optimize_table(report))
+            for line in profiler.optimize_summary(report):
+                console.print(line, markup=False, soft_wrap=True)
+            if report.optimize.saved_to:
+                console.print(f"saved to {report.optimize.saved_to}", markup=False,
+                              soft_wrap=True)
+        else:
+            for table in profiler.profile_tables(report):
+                _print_table(console, table)
+            for line in profiler.profile_notes(report):
+                console.print(line, markup=False, soft_wrap=True)
+    _write_json(report, args, console)
+    if args.optimize and not args.dry_run:
+        return 0 if report.optimize.winner is not None else 1
+    return 1 if any(b.error for b in report.backends if b.name in names) else 0
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default="benchmarks/results/forward.jsonl", metavar="FILE",
+                        help="benchmark rows, one JSON object a line (default "
+                        "benchmarks/results/forward.jsonl)")
+    parser.add_argument("-o", "--output", default="gna-forward.png", metavar="FILE",
+                        help="the PNG to write (default gna-forward.png)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
+                        help="rows of this dtype (default fp16)")
+    parser.add_argument("--head-dim", type=_positive, default=128, metavar="D",
+                        help="rows of this head dim (default 128)")
+    parser.add_argument("--title", help="plot title (default: names the GPU)")
+
+
+def run_plot(args: argparse.Namespace, console: Console) -> int:
+    """Plot the committed forward benchmark: gna vs FlexAttention vs NATTEN, and the bound."""
+    dtype = str(DTYPES[args.dtype]).removeprefix("torch.")
+    try:
+        rows = plots.load_forward_results(args.results, dtype, args.head_dim)
+    except OSError as e:
+        raise UsageError(f"cannot read {args.results}: {e.strerror}; pass --results FILE "
+                         f"(benchmarks/results/forward.jsonl in a checkout)") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not rows:
+        raise UsageError(f"no rows with dtype {dtype} and head_dim {args.head_dim} in "
+                         f"{args.results}")
+    try:
+        plots.plot_forward_results(rows, args.output, args.title)
+    except ImportError:
+        raise UsageError("gna plot draws with matplotlib, which is not installed; "
+                         "pip install 'gna[plot]'") from None
+    console.print(f"plot of {len(rows)} problems written to {args.output}", markup=False,
+                  soft_wrap=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, Console], int]]] = {
     "demo": (_demo_arguments, run_demo),
     "sim": (_sim_arguments, run_sim),
+    "profile": (_profile_arguments, run_profile),
+    "plot": (_plot_arguments, run_plot),
 }
 
 

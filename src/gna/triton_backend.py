@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from . import sim
+from . import sim, tuned
 from .args import Problem, normalize_geometry, normalize_scale, per_dim
 from .backends import Backend, Options, register
 from .geometry import Geometry, group_length
@@ -63,9 +63,19 @@ _WARP_SPECIALIZE = {1: False, 2: True, 3: False}
 
 
 def default_config(problem: Problem, options: Options) -> LaunchConfig:
-    return _default_config_cached(problem.geometry, problem.head_dim, options.q_tile_shape,
-                                  options.kv_tile_shape, _has_tma(problem.device),
-                                  problem.dtype.itemsize, shared_limit(problem.device))
+    return _config(problem.geometry, problem.head_dim, problem.dtype, problem.device,
+                   options.q_tile_shape, options.kv_tile_shape)
+
+
+def _config(geo: Geometry, head_dim: int, dtype, device, q_tile, kv_tile) -> LaunchConfig:
+    """The launch configuration: tiles the caller passed, else tiles ``gna profile --optimize
+    --save`` measured best for this problem on this device (:mod:`gna.tuned`), else the
+    simulator's choice."""
+    if q_tile is None and kv_tile is None:
+        q_tile, kv_tile = tuned.lookup(geo, head_dim, dtype, tuned.device_name(device)) or (
+            None, None)
+    return _default_config_cached(geo, head_dim, q_tile, kv_tile, _has_tma(device),
+                                  dtype.itemsize, shared_limit(device))
 
 
 @functools.lru_cache(maxsize=16)
@@ -366,9 +376,8 @@ _LOG2E = math.log2(math.e)
 def _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile):
     geo = normalize_geometry(q.shape[1:-2], tuple(kernel_size), tuple(stride), tuple(dilation),
                              tuple(causal))
-    config = _default_config_cached(geo, q.shape[-1], tuple(q_tile) if q_tile else None,
-                                    tuple(kv_tile) if kv_tile else None, _has_tma(q.device),
-                                    q.element_size(), shared_limit(q.device))
+    config = _config(geo, q.shape[-1], q.dtype, q.device, tuple(q_tile) if q_tile else None,
+                     tuple(kv_tile) if kv_tile else None)
     return geo, config
 
 
