@@ -125,11 +125,14 @@ def main(argv=None):
                 and pr[0] != "3d-dense"]
     print(harness.environment(), flush=True)
     rows = []
-    for dtype in (dtypes[d] for d in args.dtypes):
-        for pr in problems:
-            bench_problem(*pr, dtype=dtype, head_dim=128, rows=rows,
-                          flex=not args.no_flex and dtype == torch.float16)
-    print("results:", harness.append("backward", rows))
+    harness.exit_on_sigterm()
+    try:
+        for dtype in (dtypes[d] for d in args.dtypes):
+            for pr in problems:
+                bench_problem(*pr, dtype=dtype, head_dim=128, rows=rows,
+                              flex=not args.no_flex and dtype == torch.float16)
+    finally:
+        print("results:", harness.append("backward", rows))
 
 
 if __name__ == "__main__":

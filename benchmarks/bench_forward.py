@@ -237,13 +237,16 @@ def main(argv=None):
         sweep(problems, torch.float16, 128, SWEEP_CONFIGS)
         return
     rows = []
-    for dtype in (dtypes[d] for d in args.dtypes):
-        for pr in problems:
-            bench_problem(*pr, dtype=dtype, head_dim=128, flex=not args.no_flex and
-                          dtype == torch.float16, rows=rows)
-    if not args.only or "2d-w80" in args.only:
-        bench_problem(*PROBLEMS[3], dtype=torch.float16, head_dim=64, flex=False, rows=rows)
-    print("results:", harness.append("forward", rows))
+    harness.exit_on_sigterm()
+    try:
+        for dtype in (dtypes[d] for d in args.dtypes):
+            for pr in problems:
+                bench_problem(*pr, dtype=dtype, head_dim=128, flex=not args.no_flex and
+                              dtype == torch.float16, rows=rows)
+        if not args.only or "2d-w80" in args.only:
+            bench_problem(*PROBLEMS[3], dtype=torch.float16, head_dim=64, flex=False, rows=rows)
+    finally:
+        print("results:", harness.append("forward", rows))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,15 @@ def peak_memory(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``'s signal) into SystemExit, so a script's ``finally`` still
+    appends the rows measured so far."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def append(name: str, rows: list[dict], out_dir: str | None = None) -> Path:
     """Append rows (one JSON object a line) to ``results/<name>.jsonl`` and, if given or if
     ``$OUT`` is set, to a copy there."""

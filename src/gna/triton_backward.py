@@ -250,16 +250,82 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     Returns ``(dq, dk, dv, dextra_k, dextra_v)`` with the inputs' shapes and dtypes
     (contiguous); the extra gradients are None without additional keys.
     """
-    ndim = geo.ndim
     q, k, v, out, dout = (unit_last(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    if extra_k is not None:
+        extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
+    # Everything but the buffers depends only on this key: planned once (host time is what
+    # bounds small problems' training steps).
+    views = (q, k, v, out, dout) if extra_k is None else (q, k, v, out, dout, extra_k, extra_v)
+    key = (geo, config, configs, tf32, scale, dlse is None,
+           tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in views), q.device)
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        if len(_BACKWARD_PLANS) >= 1024:  # many shapes: start over, stay bounded
+            _BACKWARD_PLANS.clear()
+        plan = _BACKWARD_PLANS[key] = _plan_backward(q, k, v, extra_k, extra_v, out, dout,
+                                                     dlse is not None, geo, scale, config, tf32,
+                                                     configs)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv,
+                   dlse=delta if dlse is None else dlse, extra_k=k if extra_k is None else extra_k,
+                   extra_v=v if extra_v is None else extra_v, **plan.tables)
+    for launch in plan.launches:
+        with _scratch_allocator(launch.tma):
+            launch_cached(launch.kernel, launch.grid, tuple(buffers[n] for n in launch.tensors),
+                          launch.scalars, launch.constexprs, launch.num_warps, launch.num_stages)
+    if extra_k is None:
+        return dq, dk, dv, None, None
+    dextra_k, dextra_v = _launch_extra(q, extra_k, extra_v, dout, lse, delta, plan.l_strides,
+                                       _pad3(geo.shape, 1), geo.ndim, scale, scale * _LOG2E,
+                                       plan.dkdv_config, plan.head_dim_p2, plan.precision)
+    return dq, dk, dv, dextra_k, dextra_v
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch of the backward, its tensors named (filled in per call)."""
+
+    kernel: object
+    grid: tuple[int, int, int]
+    tensors: tuple[str, ...]
+    scalars: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    tma: bool
+
+
+@dataclass(frozen=True)
+class _BackwardPlan:
+    launches: tuple[_Launch, ...]
+    tables: dict  # geometry tables on the device, by name
+    l_strides: tuple
+    dkdv_config: KernelConfig
+    head_dim_p2: int
+    precision: str
+
+
+_BACKWARD_PLANS: dict = {}
+
+
+def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, config, tf32,
+                   configs) -> _BackwardPlan:
+    """The delta, dK/dV and dQ launches for these inputs' shapes, strides and alignments."""
+    ndim = geo.ndim
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
     groups_per_kv = heads // heads_kv
     head_dim_p2 = _next_pow2(max(head_dim, 16))
-    limit = shared_limit(q.device)
     fma_dots = q.dtype == torch.float32 and not tf32
     if configs is None:
-        configs = backward_configs(geo, config, q.element_size(), head_dim_p2, limit, fma_dots)
+        configs = backward_configs(geo, config, q.element_size(), head_dim_p2,
+                                   shared_limit(q.device), fma_dots)
     dq_config, dkdv_config = configs
     if dq_config.use_tma and not _tma_compatible(k, v):
         dq_config = dataclasses.replace(dq_config, use_tma=False)
@@ -267,72 +333,59 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         dkdv_config = dataclasses.replace(dkdv_config, use_tma=False)
     precision = "tf32" if tf32 else "ieee"
     qk_scale = scale * _LOG2E
+    # The buffers each call allocates are contiguous: their strides, from meta tensors.
+    delta, dq, dk, dv = (torch.empty(shape, device="meta")
+                         for shape in (q.shape[:-1], q.shape, k.shape, v.shape))
 
     # delta = rowsum(dO * O) - dlse, fp32, laid out like a contiguous lse (as are lse, dlse).
-    lse = lse.contiguous()
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    if dlse is not None:
-        dlse = dlse.to(torch.float32).contiguous()
     s = delta.stride()
     l_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
     lengths = _pad3(geo.shape, 1)
     num_tokens = math.prod(lengths)
     delta_tokens = _DELTA_TOKENS * 128 // max(head_dim_p2, 128)
-    launch_cached(
+    launches = [_Launch(
         gna_backward_delta_kernel, (triton.cdiv(num_tokens, delta_tokens), batch * heads, 1),
-        (out, dout, dlse if dlse is not None else delta, delta),
+        ("out", "dout", "dlse", "delta"),
         (*_strides(out, ndim), *_strides(dout, ndim), *l_strides, lengths[1], lengths[2],
          num_tokens, heads),
         dict(BLOCK_M=delta_tokens, HEAD_DIM=head_dim_p2, head_dim=head_dim,
-             HAS_DLSE=dlse is not None), num_warps=4, num_stages=1)
-
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+             HAS_DLSE=has_dlse), 4, 1, False)]
 
     # dK, dV: per KV tile, the inverse range of Q tiles.
     c = dkdv_config
     plan = _plan(geo, c.q_tile, c.kv_tile)
-    win, _ = _device_tables(plan, q.device)
+    win_dkdv, _ = _device_tables(plan, q.device)
     inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     geo_args = (*plan.geo3.shape, *plan.geo3.dilation)
     n_groups = math.prod(plan.geo3.dilation)
-    with _scratch_allocator(c.use_tma):
-        launch_cached(
-            gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv),
-            (q, k, v, dout, lse, delta, dk, dv, win, inv),
-            (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
-             *l_strides, *_strides(dk, ndim), *_strides(dv, ndim),
-             *geo_args, *inv_plan.n_kv_tiles, *win.stride()[:3], *inv.stride()[:3],
-             heads_kv, groups_per_kv, qk_scale, scale),
-            dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
-                 PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma),
-            c.num_warps, c.num_stages)
-
-    extra_k, extra_v, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
+    launches.append(_Launch(
+        gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv),
+        ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "win_dkdv", "inv"),
+        (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
+         *l_strides, *_strides(dk, ndim), *_strides(dv, ndim),
+         *geo_args, *inv_plan.n_kv_tiles, *win_dkdv.stride()[:3], *inv.stride()[:3],
+         heads_kv, groups_per_kv, qk_scale, scale),
+        dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
+             PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma),
+        c.num_warps, c.num_stages, c.use_tma))
 
     # dQ: per Q tile, the forward's range of KV tiles, then the additional keys.
+    _, _, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
     c = dq_config
     plan = _plan(geo, c.q_tile, c.kv_tile)
-    win, rng = _device_tables(plan, q.device)
-    with _scratch_allocator(c.use_tma):
-        launch_cached(
-            gna_backward_dq_kernel, (math.prod(plan.n_tiles), n_groups, batch * heads),
-            (q, k, v, extra_k, extra_v, dout, lse, delta, dq, win, rng),
-            (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
-             *l_strides, *_strides(dq, ndim), *extra_strides,
-             *geo_args, *plan.n_tiles, *win.stride()[:3], *rng.stride()[:3],
-             heads, groups_per_kv, num_extra, qk_scale, scale),
-            dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
-                 HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
-            c.num_warps, c.num_stages)
-
-    if num_extra == 0:
-        return dq, dk, dv, None, None
-    dextra_k, dextra_v = _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides,
-                                       lengths, ndim, scale, qk_scale, dkdv_config,
-                                       head_dim_p2, precision)
-    return dq, dk, dv, dextra_k, dextra_v
+    win_dq, rng = _device_tables(plan, q.device)
+    launches.append(_Launch(
+        gna_backward_dq_kernel, (math.prod(plan.n_tiles), n_groups, batch * heads),
+        ("q", "k", "v", "extra_k", "extra_v", "dout", "lse", "delta", "dq", "win_dq", "rng"),
+        (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
+         *l_strides, *_strides(dq, ndim), *extra_strides,
+         *geo_args, *plan.n_tiles, *win_dq.stride()[:3], *rng.stride()[:3],
+         heads, groups_per_kv, num_extra, qk_scale, scale),
+        dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
+             HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
+        c.num_warps, c.num_stages, c.use_tma))
+    return _BackwardPlan(tuple(launches), dict(win_dkdv=win_dkdv, inv=inv, win_dq=win_dq, rng=rng),
+                         l_strides, dkdv_config, head_dim_p2, precision)
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,
