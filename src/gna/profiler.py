@@ -1067,7 +1067,7 @@ def _config_columns(table, timed: bool) -> None:
         ("masked", "warps/stages")
     for name in ("predicted", "bound", *extra):
         table.add_column(name, justify="right")
-    table.add_column("")
+    table.add_column("note")
 
 
 def _config_cells(c: TileConfig, timed: bool) -> list[str]:
