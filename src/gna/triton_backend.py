@@ -220,27 +220,85 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
 
     ``counts`` (debug mode, see :func:`count_tiles`): an int32 tensor of ``2 * programs per
     head`` elements that receives each program's visited and masked KV tile counts."""
-    ndim = geo.ndim
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    if extra_k is not None:
+        extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
+    # Everything but the buffers depends only on this key: planned once (host time is what
+    # bounds small problems).
+    views = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
+    key = (geo, config, tf32, scale, counts is None,
+           tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in views), q.device)
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:
+        if len(_FORWARD_PLANS) >= 1024:  # many shapes: start over, stay bounded
+            _FORWARD_PLANS.clear()
+        plan = _FORWARD_PLANS[key] = _plan_forward(q, k, v, extra_k, extra_v, geo, scale,
+                                                   config, tf32, counts is not None)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    tensors = (q, k, v, k if extra_k is None else extra_k, v if extra_v is None else extra_v,
+               out, lse, plan.win, plan.rng, plan.rng if counts is None else counts)
+    c = plan.config
+    with _scratch_allocator(c.use_tma):
+        try:
+            launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars, plan.constexprs,
+                          c.num_warps, c.num_stages)
+        except RuntimeError as e:
+            # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
+            # ("PassManager::run failed"); those run without it, from now on.
+            if not c.warp_specialize or "PassManager" not in str(e):
+                raise
+            plan = _FORWARD_PLANS[key] = dataclasses.replace(
+                plan, config=dataclasses.replace(c, warp_specialize=False),
+                constexprs={**plan.constexprs, "WARP_SPECIALIZE": False})
+            launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
+                          plan.constexprs, c.num_warps, c.num_stages)
+    return out, lse
+
+
+@dataclasses.dataclass(frozen=True)
+class _ForwardPlan:
+    """A forward launch for one signature of inputs: all but the buffers."""
+
+    config: LaunchConfig  # after the checks below (TMA needs aligned K/V)
+    grid: tuple[int, int, int]
+    scalars: tuple
+    constexprs: dict
+    win: torch.Tensor
+    rng: torch.Tensor
+
+
+_FORWARD_PLANS: dict = {}
+
+
+def _plan_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32, count) -> _ForwardPlan:
+    ndim = geo.ndim
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     if config.use_tma and not _tma_compatible(k, v):
         config = dataclasses.replace(config, use_tma=False, warp_specialize=False)
+    if count:  # a loop-carried counter; warp specialization is not needed here
+        config = dataclasses.replace(config, warp_specialize=False)
     plan = _plan(geo, config.q_tile, config.kv_tile)
     win, rng = _device_tables(plan, q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    extra_k, extra_v, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
-    s = lse.stride()
+    _, _, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
+    # out and lse are allocated contiguous per call: their strides, from meta tensors.
+    out = torch.empty(q.shape, device="meta")
+    s = torch.empty(q.shape[:-1], device="meta").stride()
     lse_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
-    grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
     head_dim_p2 = _next_pow2(max(head_dim, 16))
-    if counts is not None:  # a loop-carried counter; warp specialization is not needed here
-        config = dataclasses.replace(config, warp_specialize=False)
-    with _scratch_allocator(config.use_tma):
-        _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, counts, ndim, lse_strides,
-                extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32,
-                config)
-    return out, lse
+    scalars = (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
+               *lse_strides, *extra_strides,
+               *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
+               *win.stride()[:3], *rng.stride()[:3],
+               heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
+    constexprs = dict(T0=plan.q_tile[0], T1=plan.q_tile[1], T2=plan.q_tile[2],
+                      K0=plan.kv_tile[0], K1=plan.kv_tile[1], K2=plan.kv_tile[2],
+                      HEAD_DIM=head_dim_p2, PAD_D=head_dim_p2 != head_dim,
+                      HAS_EXTRA=num_extra > 0, PRECISION="tf32" if tf32 else "ieee",
+                      USE_TMA=config.use_tma, WARP_SPECIALIZE=config.warp_specialize,
+                      COUNT_TILES=count)
+    grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
+    return _ForwardPlan(config, grid, scalars, constexprs, win, rng)
 
 
 def count_tiles(q, k, v, geo: Geometry, config: LaunchConfig):
@@ -301,33 +359,6 @@ def _scratch_allocator(needed: bool):
         yield
     finally:
         _allocation._allocator.reset(token)
-
-
-def _launch(grid, q, k, v, extra_k, extra_v, out, lse, win, rng, counts, ndim, lse_strides,
-            extra_strides, plan, heads, head_dim, head_dim_p2, num_extra, scale, tf32, config):
-    tensors = (q, k, v, extra_k, extra_v, out, lse, win, rng, rng if counts is None else counts)
-    scalars = (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(out, ndim),
-               *lse_strides, *extra_strides,
-               *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
-               *win.stride()[:3], *rng.stride()[:3],
-               heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
-    constexprs = dict(T0=plan.q_tile[0], T1=plan.q_tile[1], T2=plan.q_tile[2],
-                      K0=plan.kv_tile[0], K1=plan.kv_tile[1], K2=plan.kv_tile[2],
-                      HEAD_DIM=head_dim_p2, PAD_D=head_dim_p2 != head_dim,
-                      HAS_EXTRA=num_extra > 0, PRECISION="tf32" if tf32 else "ieee",
-                      USE_TMA=config.use_tma, WARP_SPECIALIZE=config.warp_specialize,
-                      COUNT_TILES=counts is not None)
-    try:
-        launch_cached(gna_forward_kernel, grid, tensors, scalars, constexprs, config.num_warps,
-                      config.num_stages)
-    except RuntimeError as e:
-        # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
-        # ("PassManager::run failed"); those run without it.
-        if not config.warp_specialize or "PassManager" not in str(e):
-            raise
-        launch_cached(gna_forward_kernel, grid, tensors, scalars,
-                      {**constexprs, "WARP_SPECIALIZE": False}, config.num_warps,
-                      config.num_stages)
 
 
 def _launch_hooks_set() -> bool:
