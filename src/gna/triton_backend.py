@@ -223,17 +223,11 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     if extra_k is not None:
         extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
-    # Everything but the buffers depends only on this key: planned once (host time is what
-    # bounds small problems).
     views = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
-    key = (geo, config, tf32, scale, counts is None,
-           tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in views), q.device)
-    plan = _FORWARD_PLANS.get(key)
-    if plan is None:
-        if len(_FORWARD_PLANS) >= 1024:  # many shapes: start over, stay bounded
-            _FORWARD_PLANS.clear()
-        plan = _FORWARD_PLANS[key] = _plan_forward(q, k, v, extra_k, extra_v, geo, scale,
-                                                   config, tf32, counts is not None)
+    key = (geo, config, tf32, scale, counts is None, signature(views))
+    plan = _FORWARD_PLANS.get(key) or cache_plan(
+        _FORWARD_PLANS, key, lambda: _plan_forward(q, k, v, extra_k, extra_v, geo, scale,
+                                                   config, tf32, counts is not None))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     tensors = (q, k, v, k if extra_k is None else extra_k, v if extra_v is None else extra_v,
@@ -254,6 +248,25 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
             launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
                           plan.constexprs, c.num_warps, c.num_stages)
     return out, lse
+
+
+def signature(tensors) -> tuple:
+    """What a launch plan depends on in its inputs: shapes, strides, dtypes, 16-byte alignment
+    (TMA and Triton's specialization), device. Launches are planned once per signature: host
+    time is what bounds small problems."""
+    return (tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in tensors),
+            tensors[0].device)
+
+
+_MAX_PLANS = 1024
+
+
+def cache_plan(cache: dict, key, build):
+    """``cache[key] = build()``, keeping the cache bounded (many shapes: start over)."""
+    if len(cache) >= _MAX_PLANS:
+        cache.clear()
+    plan = cache[key] = build()
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,9 +45,11 @@ from .triton_backend import (
     _scratch_allocator,
     _strides,
     _tma_compatible,
+    cache_plan,
     extra_args,
     launch_cached,
     shared_limit,
+    signature,
     unit_last,
 )
 
@@ -256,18 +258,12 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         dlse = dlse.to(torch.float32).contiguous()
     if extra_k is not None:
         extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
-    # Everything but the buffers depends only on this key: planned once (host time is what
-    # bounds small problems' training steps).
     views = (q, k, v, out, dout) if extra_k is None else (q, k, v, out, dout, extra_k, extra_v)
-    key = (geo, config, configs, tf32, scale, dlse is None,
-           tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in views), q.device)
-    plan = _BACKWARD_PLANS.get(key)
-    if plan is None:
-        if len(_BACKWARD_PLANS) >= 1024:  # many shapes: start over, stay bounded
-            _BACKWARD_PLANS.clear()
-        plan = _BACKWARD_PLANS[key] = _plan_backward(q, k, v, extra_k, extra_v, out, dout,
-                                                     dlse is not None, geo, scale, config, tf32,
-                                                     configs)
+    key = (geo, config, configs, tf32, scale, dlse is None, signature(views))
+    plan = _BACKWARD_PLANS.get(key) or cache_plan(
+        _BACKWARD_PLANS, key, lambda: _plan_backward(q, k, v, extra_k, extra_v, out, dout,
+                                                     dlse is not None, geo, scale, config,
+                                                     tf32, configs))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
