@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
                     load_windows, partial_count, partial_tile, program_group, split3,
-                    tile_coords)
+                    tile_coords, tile_tokens)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -201,11 +201,8 @@ def gna_backward_dkdv_kernel(
 
     # The KV tile: in-group key coordinates per row, loaded once.
     offs_n = tl.arange(0, BLOCK_N)
-    kx0, kx1, kx2 = tile_coords(j0, j1, j2, offs_n, K0, K1, K2)
-    col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
-    x0 = (g0 + kx0 * D0).to(tl.int64)
-    x1 = (g1 + kx1 * D1).to(tl.int64)
-    x2 = (g2 + kx2 * D2).to(tl.int64)
+    kx0, kx1, kx2, col_ok, x0, x1, x2 = tile_tokens(j0, j1, j2, offs_n, g0, g1, g2, G0, G1, G2,
+                                                    D0, D1, D2, K0, K1, K2)
     offs_d = tl.arange(0, HEAD_DIM)
     d_mask = offs_d < head_dim
     hk = h_kv.to(tl.int64)
@@ -341,11 +338,8 @@ def gna_backward_dq_kernel(
 
     # The Q tile, its dO, LSE (as log2) and delta, loaded once.
     offs_m = tl.arange(0, BLOCK_M)
-    i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
-    row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
-    x0 = (g0 + i0 * D0).to(tl.int64)
-    x1 = (g1 + i1 * D1).to(tl.int64)
-    x2 = (g2 + i2 * D2).to(tl.int64)
+    i0, i1, i2, row_ok, x0, x1, x2 = tile_tokens(t0, t1, t2, offs_m, g0, g1, g2, G0, G1, G2,
+                                                 D0, D1, D2, T0, T1, T2)
     offs_d = tl.arange(0, HEAD_DIM)
     d_mask = offs_d < head_dim
     q = _load_rows(Q + b * sq_b + h * sq_h + (x0 * sq_0 + x1 * sq_1 + x2 * sq_2)[:, None]

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
                     load_windows, partial_count, partial_tile, program_group, split3,
-                    tile_coords)
+                    tile_coords, tile_tokens)
 
 # Finite stand-in for -inf as the running max: a row whose first tiles are fully masked must
 # not compute exp2(-inf - -inf).
@@ -96,12 +96,11 @@ def gna_forward_kernel(
 
     # Query rows of the tile: in-group coordinates and offsets.
     offs_m = tl.arange(0, BLOCK_M)
-    i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
-    row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+    i0, i1, i2, row_ok, x0, x1, x2 = tile_tokens(t0, t1, t2, offs_m, g0, g1, g2, G0, G1, G2,
+                                                 D0, D1, D2, T0, T1, T2)
     offs_d = tl.arange(0, HEAD_DIM)
     d_mask = offs_d < head_dim
-    tok_q = ((g0 + i0 * D0).to(tl.int64) * sq_0 + (g1 + i1 * D1).to(tl.int64) * sq_1
-             + (g2 + i2 * D2).to(tl.int64) * sq_2)
+    tok_q = x0 * sq_0 + x1 * sq_1 + x2 * sq_2
     q_ptrs = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + tok_q[:, None] + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
 
@@ -199,12 +198,10 @@ def gna_forward_kernel(
     # Epilogue: normalize, write out and the natural-log LSE.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    tok_o = ((g0 + i0 * D0).to(tl.int64) * so_0 + (g1 + i1 * D1).to(tl.int64) * so_1
-             + (g2 + i2 * D2).to(tl.int64) * so_2)
+    tok_o = x0 * so_0 + x1 * so_1 + x2 * so_2
     o_ptrs = Out + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + tok_o[:, None] + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    tok_l = ((g0 + i0 * D0).to(tl.int64) * sl_0 + (g1 + i1 * D1).to(tl.int64) * sl_1
-             + (g2 + i2 * D2).to(tl.int64) * sl_2)
+    tok_l = x0 * sl_0 + x1 * sl_1 + x2 * sl_2
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     tl.store(Lse + b.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + tok_l, lse, mask=row_ok)
     if COUNT_TILES:

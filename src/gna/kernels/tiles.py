@@ -30,6 +30,18 @@ def tile_coords(t0, t1, t2, offs, T0: tl.constexpr, T1: tl.constexpr, T2: tl.con
 
 
 @triton.jit
+def tile_tokens(t0, t1, t2, offs, g0, g1, g2, G0, G1, G2, D0, D1, D2,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Tokens ``offs`` of tile ``(t0, t1, t2)`` of dilation group ``(g0, g1, g2)`` (lengths
+    ``G*``, dilations ``D*``): their in-group coordinates, whether they lie inside the group,
+    and their coordinates in the full layout (int64, for address arithmetic)."""
+    i0, i1, i2 = tile_coords(t0, t1, t2, offs, T0, T1, T2)
+    ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+    return (i0, i1, i2, ok, (g0 + i0 * D0).to(tl.int64), (g1 + i1 * D1).to(tl.int64),
+            (g2 + i2 * D2).to(tl.int64))
+
+
+@triton.jit
 def pick(idx, lo, n_lo, hi):
     """The idx-th element of [lo, lo + n_lo) followed by [hi, ...)."""
     return tl.where(idx < n_lo, lo + idx, hi + idx - n_lo)
