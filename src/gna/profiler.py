@@ -1013,7 +1013,6 @@ def profile_tables(report: Report) -> list:
     then the notes (why a backend did not run, what each one is)."""
     from rich.table import Table
 
-    baseline = _BASELINE_LABELS.get(report.baseline, report.baseline)
     tables = []
     passes = [p for p in PASSES if any(p in b.passes for b in report.backends)]
     for pass_name in passes or ["forward"]:
