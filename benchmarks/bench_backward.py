@@ -13,16 +13,15 @@ appended to benchmarks/results/backward.jsonl.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
-from bench_forward import FLEX_TILE, PROBLEMS, _na, flex_runner  # noqa: E402
+from bench_forward import (  # noqa: E402
+    FLEX_TILE, PROBLEMS, _na, cudnn_attention, flex_runner, heads_first)
 
 from gna.args import normalize  # noqa: E402
 
@@ -37,7 +36,6 @@ def _fwd_bwd(fn, inputs, grad):
 
 def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, flex, rows):
     ndim = len(shape)
-    n = math.prod(shape)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, *shape, heads, head_dim, device="cuda", dtype=dtype, generator=g)
                .requires_grad_() for _ in range(3))
@@ -46,14 +44,11 @@ def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, f
     flop_bound = problem.geometry.dense_pairs() / problem.geometry.attended_pairs()
     # 2.5x the forward FLOPs: dV, dP, dK, dQ GEMMs plus the recomputed scores.
     bwd_flops = 10 * problem.geometry.attended_pairs() * heads * head_dim
-    qh, kh, vh = (t.detach().reshape(1, n, heads, head_dim).transpose(1, 2).contiguous()
-                  .requires_grad_() for t in (q, k, v))
-    gh = grad.reshape(1, n, heads, head_dim).transpose(1, 2).contiguous()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qh, kh, vh = (heads_first(t.detach()).requires_grad_() for t in (q, k, v))
+    gh = heads_first(grad)
 
     def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qh, kh, vh)
+        return cudnn_attention(qh, kh, vh)
 
     def ours():
         return _na(ndim)(q, k, v, window, stride, backend="triton")

@@ -44,6 +44,20 @@ PROBLEMS = [
 FLEX_TILE = {1: (128,), 2: (8, 16), 3: (2, 8, 8)}  # tile-major layout for Flex's 128 blocks
 
 
+def heads_first(t: torch.Tensor) -> torch.Tensor:
+    """``[1, *spatial, heads, d]`` as the ``[1, heads, tokens, d]`` layout the dense peers are
+    fastest in (a copy)."""
+    return t.reshape(1, -1, *t.shape[-2:]).transpose(1, 2).contiguous()
+
+
+def cudnn_attention(q, k, v):
+    """Dense attention through cuDNN, heads-first layout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def _na(ndim):
     return {1: gna.na1d, 2: gna.na2d, 3: gna.na3d}[ndim]
 
@@ -93,7 +107,6 @@ def flex_runner(shape, window, stride, q, k, v, tiled: bool):
 
 def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, flex, rows):
     ndim = len(shape)
-    n = math.prod(shape)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, *shape, heads, head_dim, device="cuda", dtype=dtype, generator=g)
                for _ in range(3))
@@ -104,12 +117,10 @@ def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, f
     flop_bound = problem.geometry.dense_pairs() / problem.geometry.attended_pairs()
 
     # Peers use the [batch, heads, tokens, head_dim] layout they are fastest in.
-    qh, kh, vh = (t.reshape(1, n, heads, head_dim).transpose(1, 2).contiguous() for t in (q, k, v))
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qh, kh, vh = (heads_first(t) for t in (q, k, v))
 
     def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qh, kh, vh)
+        return cudnn_attention(qh, kh, vh)
 
     def ours():
         return _na(ndim)(q, k, v, window, stride, backend="triton")

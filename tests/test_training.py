@@ -10,7 +10,7 @@ import torch
 
 import gna
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu  # skipped without a CUDA device (conftest)
 
 GEOMETRY = dict(kernel_size=(3, 5, 5), stride=(1, 2, 2), dilation=(1, 1, 2),
                 is_causal=(True, False, False))

@@ -281,7 +281,7 @@ def test_backward_kernel_config_defaults_fit_h100():
 
 # --- GPU only -------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+gpu = pytest.mark.gpu  # skipped without a CUDA device (conftest)
 
 
 @gpu

@@ -255,7 +255,7 @@ def test_forward_repeated_calls_reuse_plan():
 
 # --- GPU only -------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+gpu = pytest.mark.gpu  # skipped without a CUDA device (conftest)
 
 
 @gpu
