@@ -194,12 +194,15 @@ def _case(**kw):
     return {**base, **kw}
 
 
-def test_backward_3d_dilation_causal_gqa_extra():
+@pytest.mark.parametrize("kv_major", [False, True])
+def test_backward_3d_dilation_causal_gqa_extra(kv_major):
     """3-D, mixed causal, dilation 2 (groups of unequal length), GQA, padded head dim, extra
-    keys, custom scale, fused qkv views."""
+    keys, custom scale, fused qkv views; both dK/dV orientations (their masks come from
+    different tables: per-query key windows, per-key query ranges)."""
     case = _case(shape=(4, 5, 6), kernel_size=(3, 2, 2), stride=(2, 1, 2), dilation=(1, 2, 1),
                  is_causal=(True, False, True), heads=4, heads_kv=2, head_dim=24, extra=5,
-                 q_tile=(1, 2, 8), kv_tile=(2, 2, 4), scale=0.7, fused=True)
+                 q_tile=(1, 2, 8), kv_tile=(2, 2, 4), scale=0.7, fused=True,
+                 kv_major=kv_major, tma=kv_major)
     _check(case, torch.float32)
 
 

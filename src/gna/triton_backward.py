@@ -6,7 +6,7 @@ gradients, and returns ``(dq, dk, dv, dextra_k, dextra_v)``. The geometry tables
 (per KV tile, the Q tiles that see it) is built here the same way from
 :meth:`gna.geometry.Dim.inverse_tile_ranges`.
 
-Four launches: delta (fp32), dK/dV (one program per KV tile x dilation group x batch x KV
+Four launches: delta (fp32; also, with the LSE, tile-major for dK/dV), dK/dV (one program per KV tile x dilation group x batch x KV
 head), dQ (one program per Q tile x dilation group x batch x head) and, with additional keys,
 their dK/dV as fp32 partial sums over token splits, added here in a fixed order. Everything is
 deterministic: each output element is written by exactly one program.
@@ -50,6 +50,7 @@ from .triton_backend import (
     launch_cached,
     shared_limit,
     signature,
+    token_table,
     unit_last,
 )
 
@@ -58,7 +59,8 @@ __all__ = ["KernelConfig", "backward_configs", "launch_backward"]
 # Programs the additional-key kernel aims for (token splits x extra tiles x batch x KV heads):
 # enough to fill an H100's 132 SMs a few times over when there are few extra tiles.
 _EXTRA_TARGET_PROGRAMS = 512
-_DELTA_TOKENS = 64  # tokens per program of the delta kernel (halved for head_dim 256)
+# The delta kernel holds a Q tile of O and dO: eight warps from 128 tokens x 128 dims.
+_DELTA_ELEMENTS_8_WARPS = 128 * 128
 _MIN_TILE = 16  # tokens: the smallest tile tl.dot accepts
 
 
@@ -187,6 +189,25 @@ def _device_inv(geo: Geometry, q_tile, kv_tile, device: torch.device):
     return plan, inv
 
 
+@functools.lru_cache(maxsize=256)
+def _query_ranges(geo3: Geometry) -> np.ndarray:
+    """``qr[a, g, x] = (first, last)``: the half-open range of queries of dilation group
+    ``g`` along axis ``a`` that see key ``x`` (:meth:`gna.geometry.Dim.query_ranges`), laid
+    out like the forward plan's ``win`` table. The KV-major dK/dV kernel masks with it."""
+    return token_table(geo3, lambda dim: dim.query_ranges())
+
+
+_DEVICE_QR: dict = {}
+
+
+def _device_query_ranges(geo3: Geometry, device: torch.device) -> torch.Tensor:
+    """:func:`_query_ranges` on ``device``, made once (CUDA graph capture finds it ready)."""
+    table = _DEVICE_QR.get((geo3, device))
+    if table is None:
+        table = _DEVICE_QR[(geo3, device)] = torch.from_numpy(_query_ranges(geo3)).to(device)
+    return table
+
+
 def _tile_constexprs(plan) -> dict:
     (t0, t1, t2), (k0, k1, k2) = plan.q_tile, plan.kv_tile
     return dict(T0=t0, T1=t1, T2=t2, K0=k0, K1=k1, K2=k2)
@@ -265,10 +286,12 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
                                                      dlse is not None, geo, scale, config,
                                                      tf32, configs))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    stats = torch.empty(2 * plan.stat_stride, dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, dq=dq, dk=dk, dv=dv,
+    buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, stats=stats,
+                   dq=dq, dk=dk, dv=dv,
                    dlse=delta if dlse is None else dlse, extra_k=k if extra_k is None else extra_k,
                    extra_v=v if extra_v is None else extra_v, **plan.tables)
     for launch in plan.launches:
@@ -301,6 +324,7 @@ class _Launch:
 class _BackwardPlan:
     launches: tuple[_Launch, ...]
     tables: dict  # geometry tables on the device, by name
+    stat_stride: int  # elements of one tile-major row statistic (the stats buffer holds two)
     l_strides: tuple
     dkdv_config: KernelConfig
     head_dim_p2: int
@@ -333,33 +357,41 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     delta, dq, dk, dv = (torch.empty(shape, device="meta")
                          for shape in (q.shape[:-1], q.shape, k.shape, v.shape))
 
-    # delta = rowsum(dO * O) - dlse, fp32, laid out like a contiguous lse (as are lse, dlse).
-    s = delta.stride()
-    l_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
-    lengths = _pad3(geo.shape, 1)
-    num_tokens = math.prod(lengths)
-    delta_tokens = _DELTA_TOKENS * 128 // max(head_dim_p2, 128)
-    launches = [_Launch(
-        gna_backward_delta_kernel, (triton.cdiv(num_tokens, delta_tokens), batch * heads, 1),
-        ("out", "dout", "dlse", "delta"),
-        (*_strides(out, ndim), *_strides(dout, ndim), *l_strides, lengths[1], lengths[2],
-         num_tokens, heads),
-        dict(BLOCK_M=delta_tokens, HEAD_DIM=head_dim_p2, head_dim=head_dim,
-             HAS_DLSE=has_dlse), 4, 1, False)]
-
-    # dK, dV: per KV tile, the inverse range of Q tiles.
     c = dkdv_config
     plan = _plan(geo, c.q_tile, c.kv_tile)
-    win_dkdv, _ = _device_tables(plan, q.device)
-    inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     geo_args = (*plan.geo3.shape, *plan.geo3.dilation)
     n_groups = math.prod(plan.geo3.dilation)
+    n_q_tiles = math.prod(plan.n_tiles)
+    block_m = math.prod(c.q_tile)
+    # Row statistics of the dK/dV kernel's Q tiles, tile-major (lse * log2(e), then delta).
+    stat_stride = batch * heads * n_groups * n_q_tiles * block_m
+
+    # delta = rowsum(dO * O) - dlse, fp32, laid out like a contiguous lse (as are lse, dlse),
+    # and both statistics tile-major for dK/dV: one program per dK/dV Q tile.
+    s = delta.stride()
+    l_strides = (s[0], *_pad3(s[1: 1 + ndim], 0), s[-1])
+    nt1, nt2 = plan.n_tiles[1], plan.n_tiles[2]
+    launches = [_Launch(
+        gna_backward_delta_kernel, (n_q_tiles, n_groups, batch * heads),
+        ("out", "dout", "lse", "dlse", "delta", "stats"),
+        (*_strides(out, ndim), *_strides(dout, ndim), *l_strides, *geo_args, nt1, nt2,
+         n_q_tiles, n_groups, heads, stat_stride),
+        dict(T0=plan.q_tile[0], T1=plan.q_tile[1], T2=plan.q_tile[2], HEAD_DIM=head_dim_p2,
+             head_dim=head_dim, HAS_DLSE=has_dlse),
+        8 if block_m * head_dim_p2 >= _DELTA_ELEMENTS_8_WARPS else 4, 1, False)]
+
+    # dK, dV: per KV tile, the inverse range of Q tiles.
+    # Masks: per query its key window, or (KV-major) per key the queries that see it.
+    win_dkdv = (_device_query_ranges(plan.geo3, q.device) if c.kv_major
+                else _device_tables(plan, q.device)[0])
+    inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     launches.append(_Launch(
         gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv),
-        ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "win_dkdv", "inv"),
+        ("q", "k", "v", "dout", "stats", "dk", "dv", "win_dkdv", "inv"),
         (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
-         *l_strides, *_strides(dk, ndim), *_strides(dv, ndim),
-         *geo_args, *inv_plan.n_kv_tiles, *win_dkdv.stride()[:3], *inv.stride()[:3],
+         *_strides(dk, ndim), *_strides(dv, ndim),
+         *geo_args, *inv_plan.n_kv_tiles, nt1, nt2, n_q_tiles, stat_stride,
+         *win_dkdv.stride()[:3], *inv.stride()[:3],
          heads_kv, groups_per_kv, qk_scale, scale),
         dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
              PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma),
@@ -381,7 +413,7 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
              HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
         c.num_warps, c.num_stages, c.use_tma))
     return _BackwardPlan(tuple(launches), dict(win_dkdv=win_dkdv, inv=inv, win_dq=win_dq, rng=rng),
-                         l_strides, dkdv_config, head_dim_p2, precision)
+                         stat_stride, l_strides, dkdv_config, head_dim_p2, precision)
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,

@@ -47,25 +47,35 @@ def _load_rows(ptrs, row_ok, d_mask):
 
 # --- delta --------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["D0", "D1", "D2"])
 def gna_backward_delta_kernel(
-    Out, dO, dLse, Delta,
+    Out, dO, Lse, dLse, Delta, Stats,
     so_b, so_0, so_1, so_2, so_h,
     sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
-    sl_b, sl_0, sl_1, sl_2, sl_h,  # Delta and dLse (same layout)
-    L1, L2, num_tokens, heads,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, head_dim: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    sl_b, sl_0, sl_1, sl_2, sl_h,  # Lse, dLse and Delta (same layout)
+    L0, L1, L2, D0, D1, D2, NT1, NT2, n_tiles, n_groups, heads, stat_stride,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """``delta = rowsum(dO * O) - dlse`` in fp32 for ``BLOCK_M`` tokens of one batch, head."""
-    pid_bh = tl.program_id(1)
+    """``delta = rowsum(dO * O) - dlse`` in fp32 for one Q tile of the dK/dV kernel's tiling
+    (one dilation group, batch, head). Writes ``delta`` laid out like ``lse`` (for the dQ and
+    additional-key kernels) and, for the dK/dV kernel, ``lse * log2(e)`` and ``delta`` in
+    tile-major order (``Stats``: per batch, head, group, tile, its ``T0*T1*T2`` rows; the
+    second statistic ``stat_stride`` elements after the first). The dK/dV kernel then reads a
+    Q tile's row statistics as one contiguous run, with no per-row address registers held
+    through its loops; rows past the group's end hold 0 there (finite, and their Q and dO rows
+    read 0)."""
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
+    pid_t = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
-    x = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = x < num_tokens
-    x0 = (x // (L1 * L2)).to(tl.int64)
-    x1 = ((x // L2) % L1).to(tl.int64)
-    x2 = (x % L2).to(tl.int64)
+    g0, g1, g2, G0, G1, G2 = program_group(pid_g, L0, L1, L2, D0, D1, D2)
+    t0, t1, t2 = split3(pid_t, NT1, NT2)
+    offs_m = tl.arange(0, BLOCK_M)
+    _, _, _, ok, x0, x1, x2 = tile_tokens(t0, t1, t2, offs_m, g0, g1, g2, G0, G1, G2,
+                                          D0, D1, D2, T0, T1, T2)
     offs_d = tl.arange(0, HEAD_DIM)
     d_mask = offs_d < head_dim
     o = _load_rows(Out + b * so_b + h * so_h + (x0 * so_0 + x1 * so_1 + x2 * so_2)[:, None]
@@ -77,6 +87,10 @@ def gna_backward_delta_kernel(
     if HAS_DLSE:
         delta -= tl.load(dLse + l_off, mask=ok, other=0.0)
     tl.store(Delta + l_off, delta, mask=ok)
+    lse2 = tl.load(Lse + l_off, mask=ok, other=0.0) * _LOG2E
+    s_off = ((pid_bh.to(tl.int64) * n_groups + pid_g) * n_tiles + pid_t) * BLOCK_M + offs_m
+    tl.store(Stats + s_off, lse2)
+    tl.store(Stats + stat_stride + s_off, tl.where(ok, delta, 0.0))
 
 
 # --- dK / dV ------------------------------------------------------------------------------
@@ -97,11 +111,11 @@ def _load_q_box(grp, desc, h, t0, t1, t2, s0, s1, s2, row, sh, row_ok, d_mask, o
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
+    dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, n, groups_per_kv, h_first,
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
-    q_grp, do_grp, q_desc, do_desc, Lse, Delta, l_grp, q_row, do_row, l_row,
-    sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
-    step0, step1, step2, r0, r1, r2, G0, G1, G2,
+    q_grp, do_grp, q_desc, do_desc, Stats, stat_base, stat_h, stat_stride, NT1, NT2,
+    q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
+    step0, step1, step2, G0, G1, G2,
     Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
@@ -110,27 +124,28 @@ def _dkdv_step(
     """Step ``n`` of a dK/dV loop: Q tile ``n // groups_per_kv`` of the full box (or, with
     ``MASKED``, of the visited box minus the full box), query head ``n % groups_per_kv`` of
     the KV head. One flat loop over (tile, head) keeps it the innermost loop, which Triton
-    software-pipelines."""
+    software-pipelines. The row statistics come from the tile-major ``Stats`` (see the delta
+    kernel): contiguous, so no per-row addresses stay live through the loop."""
+    BLOCK_M: tl.constexpr = T0 * T1 * T2
     tile = n // groups_per_kv
     h = (h_first + n % groups_per_kv).to(tl.int64)
     if MASKED:
         t0, t1, t2 = partial_tile(tile, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     else:
         t0, t1, t2 = full_tile(tile, ff0, fl0, ff1, fl1, ff2, fl2)
-    i0 = t0 * T0 + r0
-    i1 = t1 * T1 + r1
-    i2 = t2 * T2 + r2
+    offs_m = tl.arange(0, BLOCK_M)
+    i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
     row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
     s0, s1, s2 = t0 * step0, t1 * step1, t2 * step2
     q = _load_q_box(q_grp, q_desc, h, t0, t1, t2, s0 * sq_0, s1 * sq_1, s2 * sq_2, q_row, sq_h,
                     row_ok, d_mask, offs_d, T0, T1, T2, HEAD_DIM, USE_TMA)
     do = _load_q_box(do_grp, do_desc, h, t0, t1, t2, s0 * sdo_0, s1 * sdo_1, s2 * sdo_2,
                      do_row, sdo_h, row_ok, d_mask, offs_d, T0, T1, T2, HEAD_DIM, USE_TMA)
-    # Padding rows load lse = delta = 0 with q = dO = 0: finite, and they add nothing.
-    l_off = l_grp + s0 * sl_0 + s1 * sl_1 + s2 * sl_2 + h * sl_h + l_row
-    lse2 = tl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
-    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
-    if MASKED:
+    # Padding rows hold lse = delta = 0 with q = dO = 0: finite, and they add nothing.
+    s_off = stat_base + h * stat_h + ((t0 * NT1 + t1) * NT2 + t2) * BLOCK_M + offs_m
+    lse2 = tl.load(Stats + s_off)
+    delta = tl.load(Stats + stat_stride + s_off)
+    if MASKED and not KV_MAJOR:
         ws0, we0, ws1, we1, ws2, we2 = load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
                                                      i0, i1, i2, row_ok)
     if KV_MAJOR:
@@ -139,9 +154,11 @@ def _dkdv_step(
         # memory); the KV tile is the M side.
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]
         if MASKED:
-            seen = in_window(kx0[:, None], kx1[:, None], kx2[:, None], ws0[None, :],
-                             we0[None, :], ws1[None, :], we1[None, :], ws2[None, :],
-                             we2[None, :])
+            # Per key, the range of queries that see it (loaded once per program): the
+            # per-query operands are only the tile's coordinates, no loaded windows.
+            seen = in_window(i0[None, :], i1[None, :], i2[None, :], qa0[:, None],
+                             qb0[:, None], qa1[:, None], qb1[:, None], qa2[:, None],
+                             qb2[:, None])
             s = tl.where(seen, s, float("-inf"))
         p = tl.exp2(s)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -168,16 +185,16 @@ def _dkdv_step(
 # Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise).
 @triton.jit(do_not_specialize=["D0", "D1", "D2"])
 def gna_backward_dkdv_kernel(
-    Q, K, V, dO, Lse, Delta, dK, dV, Win, Inv,
+    Q, K, V, dO, Stats, dK, dV, Win, Inv,
     sq_b, sq_0, sq_1, sq_2, sq_h,
     sk_b, sk_0, sk_1, sk_2, sk_h,
     sv_b, sv_0, sv_1, sv_2, sv_h,
     sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
-    sl_b, sl_0, sl_1, sl_2, sl_h,  # Lse and Delta (same layout)
     sdk_b, sdk_0, sdk_1, sdk_2, sdk_h,
     sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
     L0, L1, L2, D0, D1, D2,  # full sizes and dilations of the (padded) 3 dimensions
     NK0, NK1, NK2,  # KV tiles per dimension of dilation group 0 (the longest)
+    NT1, NT2, n_q_tiles, stat_stride,  # Q tiling of Stats (see the delta kernel)
     win_s0, win_s1, win_s2, inv_s0, inv_s1, inv_s2,  # strides of the geometry tables
     heads_kv, groups_per_kv, qk_scale, scale,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
@@ -187,7 +204,10 @@ def gna_backward_dkdv_kernel(
 ):
     """dK, dV of one KV tile, one batch, one KV head. Tiles past the end of a shorter dilation
     group have empty ranges and masked stores. ``KV_MAJOR`` computes the scores transposed
-    (keys x queries); ``USE_TMA`` reads Q and dO through tensor descriptors (Hopper)."""
+    (keys x queries) and takes as ``Win`` the per-key query ranges
+    (:meth:`gna.geometry.Dim.query_ranges`) instead of the per-query key windows: its masks
+    then need per-key values, which in that layout cost a few registers, and no per-query
+    loads. ``USE_TMA`` reads Q and dO through tensor descriptors (Hopper)."""
     BLOCK_N: tl.constexpr = K0 * K1 * K2
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     pid_t = tl.program_id(0)
@@ -212,24 +232,28 @@ def gna_backward_dkdv_kernel(
                    + offs_d[None, :], col_ok, d_mask)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if KV_MAJOR:  # Win holds, per key, the half-open range of queries that see it
+        qa0, qb0, qa1, qb1, qa2, qb2 = load_windows(Win, win_s0, win_s1, win_s2, g0, g1, g2,
+                                                    kx0, kx1, kx2, col_ok)
+    else:  # Win holds, per query, its key window (loaded per Q tile); placeholders here
+        qa0, qb0, qa1, qb1, qa2, qb2 = kx0, kx0, kx0, kx0, kx0, kx0
 
-    # Query rows of a Q tile: offsets inside the tile, token offsets, and per-tile steps.
-    offs_m = tl.arange(0, BLOCK_M)
-    r0 = offs_m // (T1 * T2)
-    r1 = (offs_m // T2) % T1
-    r2 = offs_m % T2
+    # Query rows of a Q tile: token offsets inside the tile (pointer loads), per-tile steps.
+    r0, r1, r2 = tile_coords(0, 0, 0, tl.arange(0, BLOCK_M), T0, T1, T2)
     y0 = (r0 * D0).to(tl.int64)
     y1 = (r1 * D1).to(tl.int64)
     y2 = (r2 * D2).to(tl.int64)
     q_row = y0 * sq_0 + y1 * sq_1 + y2 * sq_2
     do_row = y0 * sdo_0 + y1 * sdo_1 + y2 * sdo_2
-    l_row = y0 * sl_0 + y1 * sl_1 + y2 * sl_2
     z0 = g0.to(tl.int64)
     z1 = g1.to(tl.int64)
     z2 = g2.to(tl.int64)
     q_grp = Q + b * sq_b + z0 * sq_0 + z1 * sq_1 + z2 * sq_2
     do_grp = dO + b * sdo_b + z0 * sdo_0 + z1 * sdo_1 + z2 * sdo_2
-    l_grp = b * sl_b + z0 * sl_0 + z1 * sl_1 + z2 * sl_2
+    # Row statistics of this batch and group; a query head adds h * stat_h.
+    stat_h = n_q_tiles.to(tl.int64) * (D0 * D1 * D2) * BLOCK_M
+    stat_base = (b * (heads_kv * groups_per_kv) * stat_h
+                 + pid_g.to(tl.int64) * n_q_tiles * BLOCK_M)
     step0 = (T0 * D0).to(tl.int64)
     step1 = (T1 * D1).to(tl.int64)
     step2 = (T2 * D2).to(tl.int64)
@@ -256,11 +280,12 @@ def gna_backward_dkdv_kernel(
     n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
     for n in range(0, n_full * groups_per_kv):
         dk, dv = _dkdv_step(
-            dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
+            dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, n, groups_per_kv,
+            h_first,
             f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
-            q_grp, do_grp, q_desc, do_desc, Lse, Delta, l_grp, q_row, do_row, l_row,
-            sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
-            step0, step1, step2, r0, r1, r2, G0, G1, G2,
+            q_grp, do_grp, q_desc, do_desc, Stats, stat_base, stat_h, stat_stride, NT1, NT2,
+            q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
+            step0, step1, step2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
             T0, T1, T2, HEAD_DIM, MASKED=False, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
             PRECISION=PRECISION)
@@ -269,11 +294,12 @@ def gna_backward_dkdv_kernel(
     n_partial = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     for n in range(0, n_partial * groups_per_kv):
         dk, dv = _dkdv_step(
-            dk, dv, k, v, kx0, kx1, kx2, n, groups_per_kv, h_first,
+            dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, n, groups_per_kv,
+            h_first,
             f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
-            q_grp, do_grp, q_desc, do_desc, Lse, Delta, l_grp, q_row, do_row, l_row,
-            sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h, sl_0, sl_1, sl_2, sl_h,
-            step0, step1, step2, r0, r1, r2, G0, G1, G2,
+            q_grp, do_grp, q_desc, do_desc, Stats, stat_base, stat_h, stat_stride, NT1, NT2,
+            q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
+            step0, step1, step2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
             T0, T1, T2, HEAD_DIM, MASKED=True, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
             PRECISION=PRECISION)
