@@ -86,11 +86,16 @@ def _setup(problem):
     return prob, defaults, run
 
 
+VARIANTS: list[str] | None = None  # --variants: only these names
+
+
 def _variants(ndim, defaults):
     for name, spec in DKDV.items():
-        yield "dkdv", name, (defaults[0], _config(ndim, spec))
+        if VARIANTS is None or name in VARIANTS:
+            yield "dkdv", name, (defaults[0], _config(ndim, spec))
     for name, spec in DQ.items():
-        yield "dq", name, (_config(ndim, spec), defaults[1])
+        if VARIANTS is None or name in VARIANTS:
+            yield "dq", name, (_config(ndim, spec), defaults[1])
 
 
 def _kernel_times(run, configs, repeats=5) -> dict:
@@ -156,9 +161,12 @@ def sweep(problems, out_rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", nargs="*", help="problem names")
+    p.add_argument("--variants", nargs="*", help="configuration names (default: all)")
     p.add_argument("--warm-only", action="store_true", help="compile only (worker mode)")
     p.add_argument("--no-parallel-warm", action="store_true")
     args = p.parse_args(argv)
+    global VARIANTS
+    VARIANTS = args.variants
     problems = [pr for pr in PROBLEMS if pr[0] != "3d-dense" and pr[0] != "1d-w2048-s256"
                 and (not args.only or pr[0] in args.only)]
     if args.warm_only:
@@ -166,8 +174,9 @@ def main(argv=None):
         return
     if not args.no_parallel_warm:
         t0 = time.perf_counter()
-        workers = [subprocess.Popen([sys.executable, __file__, "--warm-only", "--only", pr[0]],
-                                    env=os.environ.copy()) for pr in problems]
+        extra = ["--variants", *args.variants] if args.variants else []
+        workers = [subprocess.Popen([sys.executable, __file__, "--warm-only", "--only", pr[0],
+                                     *extra], env=os.environ.copy()) for pr in problems]
         for w in workers:
             w.wait()
         print(f"parallel compile: {time.perf_counter() - t0:.0f} s", flush=True)

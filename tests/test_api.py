@@ -234,3 +234,66 @@ def test_module_dropout_train_eval():
     assert torch.equal(a, b)
     m.train()
     assert not torch.equal(m(x), a)
+
+
+# ---------------------------------------------------------------------- per-call memo
+# gna.neighborhood_attention validates and plans a call once per (arguments, shapes, strides,
+# dtypes, devices) and reuses that for later calls. These check that the reuse never skips a
+# check or a re-plan that a different call needs.
+
+def test_call_memo_reuses_plan_and_stays_correct():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (randn(gen, 2, 9, 10, 2, 8) for _ in range(3))
+    kw = dict(kernel_size=(3, 5), stride=(2, 1), dilation=(1, 2), is_causal=(True, False))
+    gna.api._CALLS.clear()
+    first = gna.na2d(q, k, v, **kw)
+    assert len(gna.api._CALLS) == 1
+    q2 = randn(gen, 2, 9, 10, 2, 8)
+    second = gna.na2d(q2, k, v, **kw)  # same signature: the memo's plan, new data
+    assert len(gna.api._CALLS) == 1
+    assert_close(first, oracle.neighborhood_attention(q, k, v, **kw)[0], atol=ATOL)
+    assert_close(second, oracle.neighborhood_attention(q2, k, v, **kw)[0], atol=ATOL)
+    # A strided view (one fused qkv tensor) is another signature, with its own entry.
+    qkv = randn(gen, 2, 9, 10, 6, 8)
+    qs, ks, vs = qkv.split(2, dim=-2)
+    assert_close(gna.na2d(qs, ks, vs, **kw), oracle.neighborhood_attention(qs, ks, vs, **kw)[0],
+                 atol=ATOL)
+    assert len(gna.api._CALLS) == 2
+
+
+def test_call_memo_does_not_skip_validation():
+    """After a valid call is memoized, calls that differ only in what validation rejects
+    still raise: a bool for an int, a window larger than another input, a changed dtype."""
+    q = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    gna.na1d(q, q, q, kernel_size=1)
+    with pytest.raises(TypeError, match="kernel_size"):
+        gna.na1d(q, q, q, kernel_size=True)
+    with pytest.raises(TypeError, match="kernel_size"):
+        gna.na1d(q, q, q, kernel_size=(True,))
+    gna.na1d(q, q, q, kernel_size=5)
+    small = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="must not exceed the input size"):
+        gna.na1d(small, small, small, kernel_size=5)
+    with pytest.raises(TypeError, match="dtype"):
+        gna.na1d(q, q, q.float(), kernel_size=5)
+    with pytest.raises(TypeError, match="scale"):
+        gna.na1d(q, q, q, kernel_size=5, scale="0.5")
+    # Unhashable arguments (lists) take the full path every time, and work.
+    out = gna.na1d(q, q, q, kernel_size=[5], stride=[2])
+    assert_close(out, oracle.neighborhood_attention(q, q, q, kernel_size=5, stride=2)[0],
+                 atol=ATOL)
+
+
+def test_call_memo_follows_grad_mode():
+    """One memo entry serves inference and training calls: gradients still flow."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (randn(gen, 1, 12, 2, 8) for _ in range(3))
+    with torch.no_grad():
+        gna.na1d(q, k, v, kernel_size=5, stride=2)
+    q.requires_grad_()
+    out = gna.na1d(q, k, v, kernel_size=5, stride=2)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    qr = q.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        oracle.neighborhood_attention(qr, k, v, kernel_size=5, stride=2)[0].sum(), qr)
+    assert_close(grad, expected, atol=ATOL)

@@ -19,6 +19,7 @@ import gna
 from gna.args import normalize
 from gna.backends import Options
 from gna.triton_backend import LaunchConfig, count_tiles, default_config, launch_forward
+from gna import triton_backend
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -353,4 +354,32 @@ def test_default_config_uses_saved_tuned_tiles(tmp_path, monkeypatch):
     assert (after.q_tile, after.kv_tile) == ((2, 8), (4, 4))
     mine = default_config(problem, Options(q_tile_shape=(4, 4), kv_tile_shape=(2, 8)))
     assert (mine.q_tile, mine.kv_tile) == ((4, 4), (2, 8))
+    tuned.forget()
+
+
+def test_api_call_memo_sees_newly_tuned_tiles(tmp_path, monkeypatch):
+    """The API memoizes each call's plan (tiles included); saving tuned tiles for the problem
+    re-plans the next call."""
+    from gna import tuned
+
+    monkeypatch.setenv("GNA_CACHE_DIR", str(tmp_path))
+    tuned.forget()
+    used = []
+    real = triton_backend.launch_forward
+
+    def spy(q, k, v, ek, ev, geo, scale, config, *args, **kw):
+        used.append((config.q_tile, config.kv_tile))
+        return real(q, k, v, ek, ev, geo, scale, config, *args, **kw)
+
+    monkeypatch.setattr(triton_backend, "launch_forward", spy)
+    q = torch.randn(1, 12, 20, 1, 16, device=DEVICE, dtype=torch.float16)
+    kw = dict(kernel_size=(5, 7), stride=(1, 2), backend="triton")
+    first = gna.na2d(q, q, q, **kw)
+    gna.na2d(q, q, q, **kw)
+    assert used[0] == used[1] != ((2, 8), (4, 4))
+    problem = normalize(None, q, q, q, (5, 7), (1, 2))
+    tuned.store(problem.geometry, 16, torch.float16, tuned.device_name(q.device), (2, 8), (4, 4))
+    again = gna.na2d(q, q, q, **kw)
+    assert used[2] == ((2, 8), (4, 4))
+    torch.testing.assert_close(again, first, rtol=2e-3, atol=2e-3)
     tuned.forget()

@@ -3,11 +3,15 @@
 ``why_not(problem, options)`` returns None when the backend can run the problem, else a short
 reason (shown to the user when they forced that backend). ``run(problem, options, q, k, v,
 extra_k, extra_v)`` returns ``(out, lse)`` and must be differentiable w.r.t. all tensors.
+An optional ``prepare(problem, options)`` returns a callable ``(q, k, v, extra_k, extra_v) ->
+(out, lse)`` that does the per-problem planning once: :func:`gna.neighborhood_attention`
+keeps it for later calls with the same arguments, shapes and strides.
 Backends are tried in registration order when the caller does not name one.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +20,7 @@ import torch
 from . import reference
 from .args import Problem
 
-__all__ = ["Backend", "Options", "register", "select", "available"]
+__all__ = ["Backend", "Options", "register", "select", "available", "state"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,29 @@ class Backend:
     name: str
     why_not: Callable[[Problem, Options], str | None]
     run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    prepare: Callable[[Problem, Options], Callable] | None = None
+
+    def prepared(self, problem: Problem, options: Options) -> Callable:
+        """``(q, k, v, extra_k, extra_v) -> (out, lse)`` for this problem and options."""
+        if self.prepare is not None:
+            return self.prepare(problem, options)
+        return functools.partial(self.run, problem, options)
 
 
 _REGISTRY: dict[str, Backend] = {}
+_GENERATION = 0  # bumped by every register()
+
+
+def state() -> tuple:
+    """Changes whenever :func:`select` may choose differently: callers that memoize a
+    selection key on it."""
+    return id(_REGISTRY), _GENERATION
 
 
 def register(backend: Backend, first: bool = False) -> None:
     """Add a backend; ``first=True`` makes it the preferred one for automatic selection."""
+    global _GENERATION
+    _GENERATION += 1
     entries = [(backend.name, backend)] + [(n, b) for n, b in _REGISTRY.items() if n != backend.name]
     if not first:
         entries = entries[1:] + entries[:1]

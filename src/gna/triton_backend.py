@@ -168,6 +168,21 @@ class _Plan:
     rng: np.ndarray
 
 
+def token_table(geo3: Geometry, ranges) -> np.ndarray:
+    """``table[a, g, i] = ranges(dim)[:][i]``: a pair of per-token arrays of every dilation
+    group ``g`` of every axis ``a`` of a 3-D geometry (``ranges(dim)`` gives the pair for one
+    :class:`gna.geometry.Dim`), as int32. Entries past a shorter group's end stay zero."""
+    lengths = [group_length(n, d, 0) for n, d in zip(geo3.shape, geo3.dilation)]
+    table = np.zeros((3, max(geo3.dilation), max(lengths), 2), dtype=np.int32)
+    for axis in range(3):
+        for g in range(geo3.dilation[axis]):
+            dim = geo3.dim(axis, g)
+            first, last = ranges(dim)
+            table[axis, g, : dim.length, 0] = first
+            table[axis, g, : dim.length, 1] = last
+    return table
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> _Plan:
     """Pad to 3 dimensions and build the kernel's geometry tables from :mod:`gna.geometry`.
@@ -181,15 +196,11 @@ def _plan(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> _Plan:
     q_tile, kv_tile = _pad3(q_tile, 1), _pad3(kv_tile, 1)
     lengths = [group_length(n, d, 0) for n, d in zip(geo.shape, geo.dilation)]
     n_tiles = tuple(-(-n // t) for n, t in zip(lengths, q_tile))
-    win = np.zeros((3, max(geo.dilation), max(lengths), 2), dtype=np.int32)
+    win = token_table(geo, lambda dim: dim.windows())
     rng = np.zeros((3, max(geo.dilation), max(n_tiles), 4), dtype=np.int32)
     for axis in range(3):
         for g in range(geo.dilation[axis]):
-            dim = geo.dim(axis, g)
-            start, end = dim.windows()
-            win[axis, g, : dim.length, 0] = start
-            win[axis, g, : dim.length, 1] = end
-            r = dim.tile_ranges(q_tile[axis], kv_tile[axis])
+            r = geo.dim(axis, g).tile_ranges(q_tile[axis], kv_tile[axis])
             rng[axis, g, : len(r.first)] = np.stack(
                 [r.first, r.last, r.full_first, r.full_last], axis=1)
     return _Plan(geo, q_tile, kv_tile, n_tiles, win, rng)
@@ -215,38 +226,52 @@ def _strides(t: torch.Tensor, ndim: int):
 
 
 def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, config: LaunchConfig,
-                   tf32: bool = False, counts: torch.Tensor | None = None):
+                   tf32: bool = False, counts: torch.Tensor | None = None,
+                   plans: dict | None = None):
     """Run the forward kernel. Returns ``out`` (contiguous, q's dtype) and ``lse`` (float32).
 
     ``counts`` (debug mode, see :func:`count_tiles`): an int32 tensor of ``2 * programs per
-    head`` elements that receives each program's visited and masked KV tile counts."""
+    head`` elements that receives each program's visited and masked KV tile counts.
+    ``plans``: a cache of launch plans by input signature alone, owned by a caller whose
+    geometry, scale, config and precision never change (:func:`prepare`); by default the
+    module's cache, keyed by all of them."""
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     if extra_k is not None:
         extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
     views = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
-    key = (geo, config, tf32, scale, counts is None, signature(views))
-    plan = _FORWARD_PLANS.get(key) or cache_plan(
-        _FORWARD_PLANS, key, lambda: _plan_forward(q, k, v, extra_k, extra_v, geo, scale,
-                                                   config, tf32, counts is not None))
+    if plans is None or counts is not None:
+        plans, key = _FORWARD_PLANS, (geo, config, tf32, scale, counts is None, signature(views))
+    else:
+        key = signature(views)
+    plan = plans.get(key) or cache_plan(
+        plans, key, lambda: _plan_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32,
+                                          counts is not None))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     tensors = (q, k, v, k if extra_k is None else extra_k, v if extra_v is None else extra_v,
                out, lse, plan.win, plan.rng, plan.rng if counts is None else counts)
     c = plan.config
+    if plan.compiled and not _launch_hooks_set():
+        # This signature compiled before: straight to the compiled kernel's launcher.
+        _run_compiled(plan.compiled[0], plan.grid, tensors, plan.scalars, plan.values,
+                      c.use_tma)
+        return out, lse
     with _scratch_allocator(c.use_tma):
         try:
-            launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars, plan.constexprs,
-                          c.num_warps, c.num_stages)
+            compiled = launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
+                                     plan.constexprs, c.num_warps, c.num_stages)
         except RuntimeError as e:
             # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
             # ("PassManager::run failed"); those run without it, from now on.
             if not c.warp_specialize or "PassManager" not in str(e):
                 raise
-            plan = _FORWARD_PLANS[key] = dataclasses.replace(
+            plan = plans[key] = dataclasses.replace(
                 plan, config=dataclasses.replace(c, warp_specialize=False),
-                constexprs={**plan.constexprs, "WARP_SPECIALIZE": False})
-            launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
-                          plan.constexprs, c.num_warps, c.num_stages)
+                constexprs={**plan.constexprs, "WARP_SPECIALIZE": False}, compiled=[])
+            compiled = launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
+                                     plan.constexprs, c.num_warps, c.num_stages)
+    if compiled is not None and not plan.compiled:
+        plan.compiled.append(compiled)
     return out, lse
 
 
@@ -279,6 +304,14 @@ class _ForwardPlan:
     constexprs: dict
     win: torch.Tensor
     rng: torch.Tensor
+    # Filled by the first launch: the compiled kernel, valid for every call of this signature
+    # (it fixes the dtypes, pointer alignments and scalars Triton specializes on).
+    compiled: list = dataclasses.field(default_factory=list)
+
+    @functools.cached_property
+    def values(self) -> tuple:
+        """The constexprs in the kernel's parameter order."""
+        return _constexpr_values(gna_forward_kernel, len(self.scalars) + 10, self.constexprs)
 
 
 _FORWARD_PLANS: dict = {}
@@ -359,6 +392,10 @@ def _tma_compatible(*tensors) -> bool:
     return True
 
 
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 @contextlib.contextmanager
 def _scratch_allocator(needed: bool):
     """Device-side tensor descriptors need global scratch memory at launch; provide it from
@@ -366,12 +403,34 @@ def _scratch_allocator(needed: bool):
     if not needed:
         yield
         return
-    token = _allocation._allocator.set(
-        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    token = _allocation._allocator.set(_scratch)
     try:
         yield
     finally:
         _allocation._allocator.reset(token)
+
+
+def _run_compiled(compiled, grid, tensors, scalars, values, tma: bool):
+    """Launch an already compiled kernel on the current stream (scratch memory for device-side
+    tensor descriptors from PyTorch's allocator, as :func:`_scratch_allocator`)."""
+    stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
+    token = _allocation._allocator.set(_scratch) if tma else None
+    try:
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
+                     compiled.packed_metadata, None, None, None, *tensors, *scalars, *values)
+    finally:
+        if token is not None:
+            _allocation._allocator.reset(token)
+
+
+@functools.lru_cache(maxsize=64)
+def _constexpr_names(kernel, first: int) -> tuple:
+    return tuple(kernel.arg_names[first:])
+
+
+def _constexpr_values(kernel, first: int, constexprs: dict) -> tuple:
+    """``constexprs`` in ``kernel``'s parameter order, from parameter ``first`` on."""
+    return tuple(constexprs[name] for name in _constexpr_names(kernel, first))
 
 
 def _launch_hooks_set() -> bool:
@@ -391,23 +450,24 @@ def launch_cached(kernel, grid, tensors, scalars, constexprs: dict, num_warps: i
     had the same dtypes, pointer alignments and scalar arguments (hence the same
     specialization). That dispatch cost ~100 us of host time per call on the H100 box, more
     than the whole GPU time of a 32k-token 1-D problem. Used by every forward and backward
-    launch."""
+    launch. Returns the compiled kernel, for callers that keep it per launch plan and relaunch
+    it with :func:`_run_compiled` (None under the interpreter)."""
     # In the kernel's parameter order (the fast path passes them by position).
-    values = tuple(constexprs[name] for name in kernel.arg_names[len(tensors) + len(scalars):])
+    values = _constexpr_values(kernel, len(tensors) + len(scalars), constexprs)
     key = (kernel, num_warps, num_stages, values, tensors[0].device, scalars,
            tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 for t in tensors))
     compiled = _COMPILED.get(key)
     if compiled is not None and not _launch_hooks_set():
-        stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                     compiled.packed_metadata, None, None, None, *tensors, *scalars, *values)
-        return
+        _run_compiled(compiled, grid, tensors, scalars, values, False)  # caller set scratch
+        return compiled
     compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps,
                             num_stages=num_stages)
     if tensors[0].is_cuda and hasattr(compiled, "packed_metadata"):
         if len(_COMPILED) >= _MAX_CACHED_LAUNCHES:  # many shapes: start over, stay bounded
             _COMPILED.clear()
         _COMPILED[key] = compiled
+        return compiled
+    return None
 
 
 _LOG2E = math.log2(math.e)
@@ -539,8 +599,10 @@ class _EagerAttention(torch.autograd.Function):
     as the GPU time of small problems). ``torch.compile`` goes through the ops instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, extra_k, extra_v, geo, scale, config, bwd_config, tf32):
-        out, lse = launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32)
+    def forward(ctx, q, k, v, extra_k, extra_v, geo, scale, config, bwd_config, tf32,
+                plans=None):
+        out, lse = launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32,
+                                  plans=plans)
         ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
         ctx.args = (geo, scale, bwd_config, tf32)
         ctx.set_materialize_grads(False)
@@ -557,24 +619,38 @@ class _EagerAttention(torch.autograd.Function):
         dq, dk, dv, dek, dev = launch_backward(q, k, v, extra_k, extra_v, out, lse,
                                                grad_out.contiguous(), grad_lse, geo, scale,
                                                config, tf32)
-        return dq, dk, dv, dek, dev, None, None, None, None, None
+        return dq, dk, dv, dek, dev, None, None, None, None, None, None
 
 
-def run(problem: Problem, options: Options, q, k, v, extra_k, extra_v):
-    geo = problem.geometry
+def prepare(problem: Problem, options: Options):
+    """Plan a problem once (tiles, precision): returns ``(q, k, v, extra_k, extra_v) ->
+    (out, lse)``, which :func:`gna.neighborhood_attention` keeps for later calls with the same
+    arguments, shapes and strides. Its launch plans are keyed by the inputs' signature only."""
+    geo, scale = problem.geometry, problem.scale
     tf32 = options.fp32_precision == "tf32"
     config = default_config(problem, options)
-    tensors = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        # Inference: the launcher directly (host time is what bounds small problems).
-        return launch_forward(q, k, v, extra_k, extra_v, geo, problem.scale, config, tf32)
     bwd_config = config
     if options.backward_q_tile_shape or options.backward_kv_tile_shape:
         bwd_config = default_config(problem, dataclasses.replace(
             options, q_tile_shape=options.backward_q_tile_shape or options.q_tile_shape,
             kv_tile_shape=options.backward_kv_tile_shape or options.kv_tile_shape))
-    return _EagerAttention.apply(q, k, v, extra_k, extra_v, geo, problem.scale, config,
-                                 bwd_config, tf32)
+    plans: dict = {}
+
+    def call(q, k, v, extra_k, extra_v):
+        if not (torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad
+                or (extra_k is not None and (extra_k.requires_grad or extra_v.requires_grad)))):
+            # Inference: the launcher directly (host time is what bounds small problems).
+            return launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32,
+                                  plans=plans)
+        return _EagerAttention.apply(q, k, v, extra_k, extra_v, geo, scale, config,
+                                     bwd_config, tf32, plans)
+
+    return call
 
 
-register(Backend("triton", why_not, run), first=True)
+def run(problem: Problem, options: Options, q, k, v, extra_k, extra_v):
+    return prepare(problem, options)(q, k, v, extra_k, extra_v)
+
+
+register(Backend("triton", why_not, run, prepare), first=True)

@@ -85,6 +85,13 @@ def device_name(device) -> str:
 
 
 _TABLES: dict[str, dict] = {}  # path -> {device: {signature: entry}} as read from disk
+_GENERATION = 0  # bumped whenever what lookup() answers may change in this process
+
+
+def state() -> tuple:
+    """Changes whenever :func:`lookup` may answer differently (a store, a forget, another
+    ``GNA_CACHE_DIR``): callers that memoize tile choices key on it."""
+    return _GENERATION, os.environ.get("GNA_CACHE_DIR")
 
 
 def _read(path: Path) -> dict:
@@ -179,10 +186,17 @@ def store(geo: Geometry, head_dim: int, dtype, device_name: str, q_tile, kv_tile
         raise
     _TABLES[str(path)] = devices
     _lookup.cache_clear()
+    _bump()
     return path
+
+
+def _bump() -> None:
+    global _GENERATION
+    _GENERATION += 1
 
 
 def forget() -> None:
     """Drop this process's memo, so the next :func:`lookup` re-reads the file."""
     _TABLES.clear()
     _lookup.cache_clear()
+    _bump()
