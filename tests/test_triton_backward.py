@@ -332,27 +332,35 @@ def test_backward_deterministic_gpu():
 
 
 def test_backward_layout_follows_measurements():
-    """dK/dV reads Q/dO through TMA on 2-D/3-D only, and computes its scores KV-major (64-token
-    Q tiles, 128-token KV tiles) only where its iteration is mask-free (the rule measured in
-    benchmarks/results/backward_sweep.jsonl)."""
-    def configs(shape, window, stride, kv_tile, tma=True):
-        q = torch.empty(1, *shape, 1, 128, device="meta", dtype=torch.float16)
+    """On Hopper (TMA) with fp16 and d=128, dK/dV computes its scores KV-major (128-token KV
+    tiles; 64-token Q tiles, 32 where a 3-D iteration has masked tiles) and reads Q/dO through
+    TMA; without TMA, Q-major pointer loads; other head dims keep the Q-major layout (the rule
+    measured in benchmarks/results/backward_sweep.jsonl). dQ keeps pointer loads."""
+    def configs(shape, window, stride, kv_tile, tma=True, head_dim=128):
+        q = torch.empty(1, *shape, 1, head_dim, device="meta", dtype=torch.float16)
         geo = normalize(None, q, q, q, window, stride).geometry
         q_tile = {1: (128,), 2: (8, 16), 3: (2, 8, 8)}[len(shape)]
         config = triton_backward.LaunchConfig(q_tile, kv_tile, 8, 3, use_tma=tma)
-        return backward_configs(geo, config, 2, 128, 232448)
+        return backward_configs(geo, config, 2, head_dim, 232448)
 
     dq, dkdv = configs((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8))
     assert dkdv.kv_major and dkdv.use_tma and dkdv.q_tile == (1, 8, 8), dkdv
+    assert dkdv.num_stages == 3 and dkdv.kv_tile == (2, 8, 8), dkdv
     assert not dq.use_tma and not dq.kv_major, dq
+    # Stride 1 in 3-D: masked tiles, 32-token Q tiles; the forward's 64-token KV tile gives
+    # way to a 128-token one (its Q tile's shape).
     _, dkdv = configs((30, 48, 80), (18, 24, 24), (1, 1, 1), (2, 4, 8))
-    assert dkdv.use_tma and not dkdv.kv_major, dkdv
+    assert dkdv.kv_major and dkdv.q_tile == (1, 4, 8) and dkdv.kv_tile == (2, 8, 8), dkdv
     _, dkdv = configs((256, 256), (80, 80), (16, 16), (8, 16))
     assert dkdv.kv_major and dkdv.q_tile == (8, 8), dkdv
+    _, dkdv = configs((256, 256), (80, 80), (1, 1), (8, 16))
+    assert dkdv.kv_major and dkdv.q_tile == (8, 8), dkdv
     _, dkdv = configs((32768,), (2048,), (2048,), (128,))
-    assert not dkdv.use_tma and not dkdv.kv_major, dkdv
+    assert dkdv.kv_major and dkdv.use_tma and dkdv.q_tile == (64,), dkdv
     _, dkdv = configs((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8), tma=False)
     assert not dkdv.use_tma and not dkdv.kv_major, dkdv
+    _, dkdv = configs((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8), head_dim=64)
+    assert dkdv.use_tma and not dkdv.kv_major, dkdv
 
 
 @pytest.mark.parametrize("use", ["out_and_lse", "lse_only"])

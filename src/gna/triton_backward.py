@@ -215,17 +215,26 @@ def _tile_constexprs(plan) -> dict:
 
 # --- launcher -----------------------------------------------------------------------------
 
-# Layout choices of the dK/dV kernel, from benchmarks/tune_backward.py on H100 (fp16, d=128,
-# ms of the dK/dV kernel; benchmarks/results/backward_sweep.jsonl):
-# - Q and dO through TMA: 2-D stride 16 35.3 -> 31.9, 2-D w80 44.1 -> 42.0, 3-D stride 16x8x8
-#   100.4 -> 97.0, 3-D w18x24x24 243 -> 238; 1-D 4% slower (0.257 -> 0.267), so 2-D/3-D only.
-# - Scores transposed (KV-major) with 64-token Q and 128-token KV tiles, 3 stages, where the
-#   dK/dV iteration is mask-free: 2-D stride 16 31.9 -> 29.5, 3-D stride 16x8x8 97.0 -> 94.7.
-#   Where most tiles are masked it is far slower (3-D w18x24x24 238 -> 357: the transposed
-#   masked path spills ~1 KB per thread on sm_90), hence only on mask-free iterations.
-# The dQ kernel keeps pointer loads: TMA for K/V measured equal on block-sparse problems and
-# slower with masks (3-D w18x24x24, 3 stages: 75 -> 90 ms).
-_DKDV_TMA = {1: False, 2: True, 3: True}
+# Layout of the dK/dV kernel, from benchmarks/tune_backward.py on H100 (fp16, d=128, ms of the
+# dK/dV kernel; benchmarks/results/backward_sweep.jsonl, session 3 rows: tile-major row
+# statistics and per-key query-range masks). Q-major (Q 128 / KV 64 tokens, Q and dO through
+# TMA) against KV-major (scores as keys x queries, 128-token KV tiles, 3 stages) with 64- and
+# 32-token Q tiles:
+#
+#   problem               Q-major   KV-major Q64   KV-major Q32
+#   1-D w2048              0.254       0.219          0.259
+#   1-D w2048 s2048        0.229       0.170          0.204
+#   2-D w80                38.9        31.0           33.0
+#   2-D w80 s16            27.8        23.2           26.5
+#   3-D w18x24x24          229         163            136
+#   3-D w18x24x24 s16x8x8  87.6        69.2           80.8
+#
+# so KV-major everywhere it was measured, with 32-token Q tiles where a 3-D iteration has
+# masked tiles (stride 1 there makes most visited tiles partial; smaller Q tiles leave fewer
+# of their keys masked). The dQ kernel keeps pointer loads: TMA for K/V measured equal on
+# block-sparse problems and slower with masks (3-D w18x24x24, 3 stages: 75 -> 90 ms; 2-D s16
+# 13.6 -> 14.9 in session 3).
+_KV_MAJOR_KV_TOKENS = 128
 # The KV-major layout's Q tile, as measured, in place of the forward's default Q tile.
 _KV_MAJOR_Q_TILE = {(8, 16): (8, 8), (2, 8, 8): (1, 8, 8)}
 
@@ -234,20 +243,29 @@ _KV_MAJOR_Q_TILE = {(8, 16): (8, 8), (2, 8, 8): (1, 8, 8)}
 def backward_configs(geo: Geometry, config: LaunchConfig, elem: int, head_dim_p2: int,
                      limit: int, fma_dots: bool = False) -> tuple[KernelConfig, KernelConfig]:
     """``(dq, dkdv)`` kernel configurations for ``geo``, derived from the forward's ``config``
-    (see the measurements above)."""
+    (see the measurements above): on Hopper (``config.use_tma``) with fp16/bf16 and head
+    dims up to 128, dK/dV runs KV-major through TMA; elsewhere, Q-major with pointer loads."""
     dq = _kernel_config("dq", config, elem, head_dim_p2, limit, fma_dots)
     dkdv = _kernel_config("dkdv", config, elem, head_dim_p2, limit, fma_dots)
-    if not (config.use_tma and _DKDV_TMA[geo.ndim]):
+    if not config.use_tma:
         return dq, dkdv
     dkdv = dataclasses.replace(dkdv, use_tma=True)
+    # A 128-token KV tile: the forward's, else its Q tile (shaped for the layout the same way).
+    kv_tile = next((tuple(t) for t in (config.kv_tile, config.q_tile)
+                    if math.prod(t) == _KV_MAJOR_KV_TOKENS), None)
+    if elem != 2 or head_dim_p2 != 128 or kv_tile is None:
+        return dq, dkdv
     q_tile = _KV_MAJOR_Q_TILE.get(tuple(config.q_tile)) or _halve(tuple(config.q_tile), 2)
-    kv_tile = tuple(config.kv_tile)
-    measured = elem == 2 and head_dim_p2 == 128 and math.prod(kv_tile) == 128
-    if measured and math.prod(q_tile) == 64:
+    if math.prod(q_tile) != 64:
+        return dq, dkdv
+    if geo.ndim == 3:
         visited, full = geo.tile_counts(q_tile, kv_tile)
-        stages = next((s for s in (3, 2) if _dkdv_shared(64, 128, 128, 2, s) <= limit), 0)
-        if stages and int(visited.sum()) == int(full.sum()):
-            dkdv = KernelConfig(q_tile, kv_tile, 8, stages, kv_major=True, use_tma=True)
+        if int(visited.sum()) != int(full.sum()):
+            q_tile = _halve(q_tile, 2)
+    m = math.prod(q_tile)
+    stages = next((s for s in (3, 2) if _dkdv_shared(m, 128, 128, 2, s) <= limit), 0)
+    if stages:
+        dkdv = KernelConfig(q_tile, kv_tile, 8, stages, kv_major=True, use_tma=True)
     return dq, dkdv
 
 

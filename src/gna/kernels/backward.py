@@ -182,8 +182,9 @@ def _dkdv_step(
     return dk, dv
 
 
-# Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise).
-@triton.jit(do_not_specialize=["D0", "D1", "D2"])
+# Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise),
+# as must the tile count that is cast to int64.
+@triton.jit(do_not_specialize=["D0", "D1", "D2", "n_q_tiles"])
 def gna_backward_dkdv_kernel(
     Q, K, V, dO, Stats, dK, dV, Win, Inv,
     sq_b, sq_0, sq_1, sq_2, sq_h,
