@@ -40,9 +40,9 @@ from gna.triton_backward import KernelConfig, backward_configs, launch_backward 
 
 # Tile shape of each volume, per number of dimensions.
 TILES = {
-    1: {32: (32,), 64: (64,), 128: (128,)},
-    2: {32: (4, 8), 64: (8, 8), 128: (8, 16)},
-    3: {32: (1, 4, 8), 64: (1, 8, 8), 128: (2, 8, 8)},
+    1: {16: (16,), 32: (32,), 64: (64,), 128: (128,)},
+    2: {16: (2, 8), 32: (4, 8), 64: (8, 8), 128: (8, 16)},
+    3: {16: (1, 2, 8), 32: (1, 4, 8), 64: (1, 8, 8), 128: (2, 8, 8)},
 }
 # name: (Q tile volume, KV tile volume, kv_major, use_tma, num_warps, num_stages)
 DKDV = {
@@ -51,6 +51,9 @@ DKDV = {
     "kvmajor-q64-kv128-tma": (64, 128, True, True, 8, 2),
     "kvmajor-q64-kv128-tma-s3": (64, 128, True, True, 8, 3),
     "kvmajor-q32-kv128-tma-s3": (32, 128, True, True, 8, 3),
+    "kvmajor-q32-kv128-tma-s2": (32, 128, True, True, 8, 2),
+    "kvmajor-q32-kv128-tma-s4": (32, 128, True, True, 8, 4),
+    "kvmajor-q16-kv128-tma-s4": (16, 128, True, True, 8, 4),
     "q64-kv128-tma": (64, 128, False, True, 8, 2),
     "kvmajor-q64-kv64-tma-w4": (64, 64, True, True, 4, 3),
     "kvmajor-q128-kv64-tma": (128, 64, True, True, 8, 2),
