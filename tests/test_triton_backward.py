@@ -41,7 +41,12 @@ from gna.triton_backend import (  # noqa: E402
     launch_forward,
     shared_limit,
 )
-from gna.triton_backward import backward_configs, launch_backward  # noqa: E402
+from gna.triton_backward import (  # noqa: E402
+    KernelConfig,
+    backward_configs,
+    launch_backward,
+    refused_dkdv,
+)
 
 REL_BOUND = {"fp32": 1e-5, "tf32": 1e-2, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRADS = ("dq", "dk", "dv", "dextra_k", "dextra_v")
@@ -141,9 +146,10 @@ def _run(case, dtype, precision="ieee", seed=0):
                                _next_pow2(max(case["head_dim"], 16)), shared_limit(q.device),
                                dtype == torch.float32 and not tf32)
     if "kv_major" in case:
-        configs = (dataclasses.replace(configs[0], use_tma=case["tma"]),
-                   dataclasses.replace(configs[1], use_tma=case["tma"],
-                                       kv_major=case["kv_major"]))
+        dkdv = dataclasses.replace(configs[1], use_tma=case["tma"], kv_major=case["kv_major"])
+        if refused_dkdv(dkdv, _next_pow2(max(case["head_dim"], 16))):  # see its test
+            dkdv = dataclasses.replace(dkdv, use_tma=True)
+        configs = (dataclasses.replace(configs[0], use_tma=case["tma"]), dkdv)
     grads = launch_backward(q, k, v, ek, ev, out, lse, dout, dlse, problem.geometry,
                             problem.scale, config, tf32, configs)
     return (q, k, v, ek, ev, dout, dlse), grads
@@ -362,6 +368,29 @@ def test_backward_layout_follows_measurements():
     assert not dkdv.use_tma and not dkdv.kv_major, dkdv
     _, dkdv = configs((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8), head_dim=64)
     assert dkdv.use_tma and not dkdv.kv_major, dkdv
+
+
+def test_backward_refuses_the_configuration_measured_wrong():
+    """Q-major pointer-load dK/dV with 32-token Q and 128-token KV tiles at d=128 computed a
+    wrong dK on the GPU (see refused_dkdv): the launcher raises instead of running it; TMA,
+    KV-major or 64-token KV tiles run."""
+    bad = KernelConfig((1, 4, 8), (2, 8, 8), 8, 3, kv_major=False, use_tma=False)
+    assert refused_dkdv(bad, 128)
+    for ok in (dataclasses.replace(bad, use_tma=True), dataclasses.replace(bad, kv_major=True),
+               dataclasses.replace(bad, kv_tile=(2, 4, 8))):
+        assert refused_dkdv(ok, 128) is None
+    assert refused_dkdv(bad, 64) is None
+    case = _case(shape=(4, 8, 16), kernel_size=(3, 3, 5), stride=(1, 1, 1), dilation=(1, 1, 1),
+                 is_causal=(False, False, False), head_dim=128, q_tile=(1, 4, 8),
+                 kv_tile=(2, 8, 8))
+    q, k, v, ek, ev, dout, dlse = _inputs(case, torch.float32, 0)
+    problem = normalize(None, q, k, v, case["kernel_size"], case["stride"])
+    config = default_config(problem, Options(q_tile_shape=(1, 4, 8), kv_tile_shape=(2, 8, 8)))
+    out, lse = launch_forward(q, k, v, None, None, problem.geometry, problem.scale, config)
+    dq_config = KernelConfig((1, 4, 8), (2, 8, 8), 4, 1)
+    with pytest.raises(ValueError, match="computes wrong dK"):
+        launch_backward(q, k, v, None, None, out, lse, dout, None, problem.geometry,
+                        problem.scale, config, False, (dq_config, bad))
 
 
 @pytest.mark.parametrize("use", ["out_and_lse", "lse_only"])

@@ -54,7 +54,7 @@ from .triton_backend import (
     unit_last,
 )
 
-__all__ = ["KernelConfig", "backward_configs", "launch_backward"]
+__all__ = ["KernelConfig", "backward_configs", "launch_backward", "refused_dkdv"]
 
 # Programs the additional-key kernel aims for (token splits x extra tiles x batch x KV heads):
 # enough to fill an H100's 132 SMs a few times over when there are few extra tiles.
@@ -239,6 +239,21 @@ _KV_MAJOR_KV_TOKENS = 128
 _KV_MAJOR_Q_TILE = {(8, 16): (8, 8), (2, 8, 8): (1, 8, 8)}
 
 
+def refused_dkdv(config: KernelConfig, head_dim_p2: int) -> str | None:
+    """Why a dK/dV configuration must not run, or None. Measured on an H200 (Triton 3.6,
+    fp16, ``.device/repro`` of session 3): Q-major with pointer loads, 32-token Q tiles,
+    128-token KV tiles and d=128 gives a wrong dK (relative error 5e-2; dV, dQ right) at 2 and
+    3 stages, while the same tiles through TMA, KV-major, 64-token Q tiles, 64-token KV tiles
+    or d=64 are right. No default produces it (without TMA, KV tiles stay at 64 tokens for
+    d=128); :func:`launch_backward` refuses it rather than return wrong gradients."""
+    m, n = math.prod(config.q_tile), math.prod(config.kv_tile)
+    if not (config.kv_major or config.use_tma) and m < 64 and n * head_dim_p2 > _MAX_KV_ELEMENTS:
+        return ("Q-major pointer-load dK/dV with Q tiles under 64 tokens and KV tiles over "
+                f"{_MAX_KV_ELEMENTS // head_dim_p2} tokens computes wrong dK on Hopper "
+                "(Triton 3.6); use TMA, the KV-major layout or smaller KV tiles")
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def backward_configs(geo: Geometry, config: LaunchConfig, elem: int, head_dim_p2: int,
                      limit: int, fma_dots: bool = False) -> tuple[KernelConfig, KernelConfig]:
@@ -368,7 +383,13 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     if dq_config.use_tma and not _tma_compatible(k, v):
         dq_config = dataclasses.replace(dq_config, use_tma=False)
     if dkdv_config.use_tma and not _tma_compatible(q, dout):
-        dkdv_config = dataclasses.replace(dkdv_config, use_tma=False)
+        # Unaligned Q / dO: the pointer-load layout this device would get without TMA.
+        dkdv_config = _kernel_config("dkdv", dataclasses.replace(config, use_tma=False),
+                                     q.element_size(), head_dim_p2, shared_limit(q.device),
+                                     fma_dots)
+    refused = refused_dkdv(dkdv_config, head_dim_p2)
+    if refused:
+        raise ValueError(f"dK/dV configuration {dkdv_config} at head_dim {head_dim}: {refused}")
     precision = "tf32" if tf32 else "ieee"
     qk_scale = scale * _LOG2E
     # The buffers each call allocates are contiguous: their strides, from meta tensors.
