@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
+                    next_full_tile,
                     load_windows, partial_count, partial_tile, program_group, split3,
                     tile_coords, tile_tokens)
 
@@ -111,8 +112,7 @@ def _load_q_box(grp, desc, h, t0, t1, t2, s0, s1, s2, row, sh, row_ok, d_mask, o
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, n, groups_per_kv, h_first,
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
+    dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, t0, t1, t2, h,
     q_grp, do_grp, q_desc, do_desc, Stats, stat_base, stat_h, stat_stride, NT1, NT2,
     q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
     step0, step1, step2, G0, G1, G2,
@@ -121,18 +121,11 @@ def _dkdv_step(
     MASKED: tl.constexpr, KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Step ``n`` of a dK/dV loop: Q tile ``n // groups_per_kv`` of the full box (or, with
-    ``MASKED``, of the visited box minus the full box), query head ``n % groups_per_kv`` of
-    the KV head. One flat loop over (tile, head) keeps it the innermost loop, which Triton
-    software-pipelines. The row statistics come from the tile-major ``Stats`` (see the delta
-    kernel): contiguous, so no per-row addresses stay live through the loop."""
+    """One step of a dK/dV loop: Q tile ``(t0, t1, t2)`` and query head ``h`` (int64) against
+    this program's KV tile, with per-query masks if ``MASKED``. The row statistics come from
+    the tile-major ``Stats`` (see the delta kernel): contiguous, so no per-row addresses stay
+    live through the loop."""
     BLOCK_M: tl.constexpr = T0 * T1 * T2
-    tile = n // groups_per_kv
-    h = (h_first + n % groups_per_kv).to(tl.int64)
-    if MASKED:
-        t0, t1, t2 = partial_tile(tile, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
-    else:
-        t0, t1, t2 = full_tile(tile, ff0, fl0, ff1, fl1, ff2, fl2)
     offs_m = tl.arange(0, BLOCK_M)
     i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
     row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
@@ -277,27 +270,36 @@ def gna_backward_dkdv_kernel(
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = load_ranges(
         Inv, inv_s0, inv_s1, inv_s2, g0, g1, g2, j0, j1, j2)
 
-    # 1. Mask-free Q tiles: every query of the tile sees every key of this KV tile.
+    # One flat loop over (Q tile, query head of this KV head) per kind of tile keeps it the
+    # innermost loop, which Triton software-pipelines.
+    # 1. Mask-free Q tiles: every query of the tile sees every key of this KV tile. The tile
+    # and head are carried from step to step (no divisions in the loop).
     n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
+    t0, t1, t2, hh = ff0, ff1, ff2, 0
     for n in range(0, n_full * groups_per_kv):
         dk, dv = _dkdv_step(
-            dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, n, groups_per_kv,
-            h_first,
-            f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
+            dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, t0, t1, t2,
+            (h_first + hh).to(tl.int64),
             q_grp, do_grp, q_desc, do_desc, Stats, stat_base, stat_h, stat_stride, NT1, NT2,
             q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
             step0, step1, step2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
             T0, T1, T2, HEAD_DIM, MASKED=False, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
             PRECISION=PRECISION)
+        hh += 1
+        wrap = hh >= groups_per_kv
+        hh = tl.where(wrap, 0, hh)
+        u0, u1, u2 = next_full_tile(t0, t1, t2, ff1, fl1, ff2, fl2)
+        t0, t1, t2 = tl.where(wrap, u0, t0), tl.where(wrap, u1, t1), tl.where(wrap, u2, t2)
 
     # 2. Partial Q tiles: the visited box minus the full box, with per-query window masks.
     n_partial = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     for n in range(0, n_partial * groups_per_kv):
+        u0, u1, u2 = partial_tile(n // groups_per_kv, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2,
+                                  l2, ff2, fl2)
         dk, dv = _dkdv_step(
-            dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, n, groups_per_kv,
-            h_first,
-            f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2,
+            dk, dv, k, v, kx0, kx1, kx2, qa0, qb0, qa1, qb1, qa2, qb2, u0, u1, u2,
+            (h_first + n % groups_per_kv).to(tl.int64),
             q_grp, do_grp, q_desc, do_desc, Stats, stat_base, stat_h, stat_stride, NT1, NT2,
             q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
             step0, step1, step2, G0, G1, G2,

@@ -20,7 +20,7 @@ softmax is online, in fp32, with ``exp2`` and the scale folded into ``qk_scale``
 import triton
 import triton.language as tl
 
-from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
+from .tiles import (group_descriptor, in_window, load_kv_tile, load_ranges, next_full_tile,
                     load_windows, partial_count, partial_tile, program_group, split3,
                     tile_coords, tile_tokens)
 
@@ -141,9 +141,9 @@ def gna_forward_kernel(
     n_masked = 0
 
     # 1. Mask-free KV tiles: every query of the tile sees every key of these.
+    j0, j1, j2 = ff0, ff1, ff2
     for n in tl.range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2),
                       warp_specialize=WARP_SPECIALIZE):
-        j0, j1, j2 = full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
         k = load_kv_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
                          offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
                          MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
@@ -155,6 +155,7 @@ def gna_forward_kernel(
                                      MASKED=False, PRECISION=PRECISION)
         if COUNT_TILES:
             n_visited += 1
+        j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
 
     # 2. Partial KV tiles: the visited box minus the full box, as three disjoint slabs.
     for n in range(0, partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):

@@ -56,6 +56,22 @@ def full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2):
 
 
 @triton.jit
+def next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2):
+    """The tile after ``(j0, j1, j2)`` in the row-major order of the full box (what
+    ``full_tile(n + 1)`` gives after ``full_tile(n)``), by carrying instead of dividing: the
+    loops that walk the box keep their tile as loop-carried values, which saves three
+    integer divisions per iteration (~60 of ~560 instructions of the forward's loop)."""
+    j2 += 1
+    wrap2 = j2 >= fl2
+    j2 = tl.where(wrap2, ff2, j2)
+    j1 = tl.where(wrap2, j1 + 1, j1)
+    wrap1 = j1 >= fl1
+    j1 = tl.where(wrap1, ff1, j1)
+    j0 = tl.where(wrap1, j0 + 1, j0)
+    return j0, j1, j2
+
+
+@triton.jit
 def partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2):
     """Number of tiles in the visited box ``[f, l)`` minus the full box ``[ff, fl)``."""
     in0, in1, in2 = fl0 - ff0, fl1 - ff1, fl2 - ff2
