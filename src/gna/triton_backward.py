@@ -6,10 +6,12 @@ gradients, and returns ``(dq, dk, dv, dextra_k, dextra_v)``. The geometry tables
 (per KV tile, the Q tiles that see it) is built here the same way from
 :meth:`gna.geometry.Dim.inverse_tile_ranges`.
 
-Four launches: delta (fp32; also, with the LSE, tile-major for dK/dV), dK/dV (one program per KV tile x dilation group x batch x KV
-head), dQ (one program per Q tile x dilation group x batch x head) and, with additional keys,
-their dK/dV as fp32 partial sums over token splits, added here in a fixed order. Everything is
-deterministic: each output element is written by exactly one program.
+Four launches: delta (fp32, laid out like the LSE; also both row statistics tile-major for
+dK/dV), dK/dV (one program per KV tile x dilation group x batch x KV head), dQ (one program
+per Q tile x dilation group x batch x head) and, with additional keys, their dK/dV as fp32
+partial sums over token splits, added here in a fixed order. Everything is deterministic:
+each output element is written by exactly one program. The KV-major dK/dV masks come from
+per-key query ranges (:meth:`gna.geometry.Dim.query_ranges`).
 
 Each kernel starts from the forward's tiles and launch options and is fitted to the device's
 shared memory (:func:`_kernel_config`): the backward keeps more tiles on chip than the
@@ -241,11 +243,12 @@ _KV_MAJOR_Q_TILE = {(8, 16): (8, 8), (2, 8, 8): (1, 8, 8)}
 
 def refused_dkdv(config: KernelConfig, head_dim_p2: int) -> str | None:
     """Why a dK/dV configuration must not run, or None. Measured on an H200 (Triton 3.6,
-    fp16, ``.device/repro`` of session 3): Q-major with pointer loads, 32-token Q tiles,
-    128-token KV tiles and d=128 gives a wrong dK (relative error 5e-2; dV, dQ right) at 2 and
-    3 stages, while the same tiles through TMA, KV-major, 64-token Q tiles, 64-token KV tiles
-    or d=64 are right. No default produces it (without TMA, KV tiles stay at 64 tokens for
-    d=128); :func:`launch_backward` refuses it rather than return wrong gradients."""
+    fp16, ``benchmarks/checks/dkdv_wrong_config.py``): Q-major with pointer loads, 32-token
+    Q tiles, 128-token KV tiles and d=128 gives a wrong dK (relative error 5e-2; dV, dQ
+    right) at 2 and 3 stages, while the same tiles through TMA, KV-major, 64-token Q tiles,
+    64-token KV tiles or d=64 are right. No default produces it (without TMA, KV tiles stay
+    at 64 tokens for d=128); :func:`launch_backward` refuses it rather than return wrong
+    gradients."""
     m, n = math.prod(config.q_tile), math.prod(config.kv_tile)
     if not (config.kv_major or config.use_tma) and m < 64 and n * head_dim_p2 > _MAX_KV_ELEMENTS:
         return ("Q-major pointer-load dK/dV with Q tiles under 64 tokens and KV tiles over "
