@@ -311,7 +311,7 @@ class _ForwardPlan:
     @functools.cached_property
     def values(self) -> tuple:
         """The constexprs in the kernel's parameter order."""
-        return _constexpr_values(gna_forward_kernel, len(self.scalars) + 10, self.constexprs)
+        return _constexpr_values(gna_forward_kernel, self.constexprs)
 
 
 _FORWARD_PLANS: dict = {}
@@ -424,13 +424,13 @@ def _run_compiled(compiled, grid, tensors, scalars, values, tma: bool):
 
 
 @functools.lru_cache(maxsize=64)
-def _constexpr_names(kernel, first: int) -> tuple:
-    return tuple(kernel.arg_names[first:])
+def _constexpr_names(kernel, count: int) -> tuple:
+    return tuple(kernel.arg_names[len(kernel.arg_names) - count:])
 
 
-def _constexpr_values(kernel, first: int, constexprs: dict) -> tuple:
-    """``constexprs`` in ``kernel``'s parameter order, from parameter ``first`` on."""
-    return tuple(constexprs[name] for name in _constexpr_names(kernel, first))
+def _constexpr_values(kernel, constexprs: dict) -> tuple:
+    """``constexprs`` in ``kernel``'s parameter order (they are its last parameters)."""
+    return tuple(constexprs[name] for name in _constexpr_names(kernel, len(constexprs)))
 
 
 def _launch_hooks_set() -> bool:
@@ -453,7 +453,7 @@ def launch_cached(kernel, grid, tensors, scalars, constexprs: dict, num_warps: i
     launch. Returns the compiled kernel, for callers that keep it per launch plan and relaunch
     it with :func:`_run_compiled` (None under the interpreter)."""
     # In the kernel's parameter order (the fast path passes them by position).
-    values = _constexpr_values(kernel, len(tensors) + len(scalars), constexprs)
+    values = _constexpr_values(kernel, constexprs)
     key = (kernel, num_warps, num_stages, values, tensors[0].device, scalars,
            tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 for t in tensors))
     compiled = _COMPILED.get(key)

@@ -29,8 +29,7 @@ are padded with unit dimensions in front.
 import triton
 import triton.language as tl
 
-from .tiles import (full_tile, group_descriptor, in_window, load_kv_tile, load_ranges,
-                    next_full_tile,
+from .tiles import (group_descriptor, in_window, load_kv_tile, load_ranges, next_full_tile,
                     load_windows, partial_count, partial_tile, program_group, split3,
                     tile_coords, tile_tokens)
 
@@ -413,9 +412,9 @@ def gna_backward_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # 1. Mask-free KV tiles.
+    # 1. Mask-free KV tiles (the tile is carried from step to step, as in the forward).
+    j0, j1, j2 = ff0, ff1, ff2
     for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
-        j0, j1, j2 = full_tile(n, ff0, fl0, ff1, fl1, ff2, fl2)
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
         k = load_kv_tile(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2, k_desc, k_col, offs_d,
                          d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
@@ -426,6 +425,7 @@ def gna_backward_dq_kernel(
         dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, c0, c1, c2,
                          ws0, we0, ws1, we1, ws2, we2, qk_scale,
                          MASKED=False, PRECISION=PRECISION)
+        j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
 
     # 2. Partial KV tiles: the visited box minus the full box, masked.
     for n in range(0, partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)):
