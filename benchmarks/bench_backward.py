@@ -6,10 +6,8 @@ Run on a GPU from the repo root::
     python benchmarks/bench_backward.py --no-flex --dtypes fp16 bf16
 
 For each problem: backward time (forward+backward minus forward, both medians), forward+backward
-time, speedups vs cuDNN, and peak memory of one forward+backward above the inputs, for gna's
-default backward (dQ fused into dK/dV with atomic adds where it applies) and for
-``deterministic=True`` (separate dQ kernel). Results are appended to
-benchmarks/results/backward.jsonl.
+time, speedups vs cuDNN, and peak memory of one forward+backward above the inputs. Results are
+appended to benchmarks/results/backward.jsonl.
 """
 
 from __future__ import annotations
@@ -55,14 +53,10 @@ def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, f
     def ours():
         return _na(ndim)(q, k, v, window, stride, backend="triton")
 
-    def ours_deterministic():
-        return _na(ndim)(q, k, v, window, stride, backend="triton", deterministic=True)
-
     result = {"problem": name, "shape": shape, "heads": heads, "window": window,
               "stride": stride, "dtype": str(dtype).split(".")[-1], "head_dim": head_dim,
               "flop_bound": flop_bound, "natten_published": natten}
-    peers = {"cudnn": (cudnn, (qh, kh, vh), gh), "gna": (ours, (q, k, v), grad),
-             "gna_deterministic": (ours_deterministic, (q, k, v), grad)}
+    peers = {"cudnn": (cudnn, (qh, kh, vh), gh), "gna": (ours, (q, k, v), grad)}
     if flex and not any(s % t for s, t in zip(shape, FLEX_TILE[ndim])):
         try:
             fn, mask_s = flex_runner(shape, window, stride, qh, kh, vh, tiled=True)
@@ -81,7 +75,7 @@ def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, f
         except Exception as e:
             result[key] = {"error": repr(e)[:300]}
     base = result["cudnn"]
-    for key in ("gna", "gna_deterministic", "flex_tiled"):
+    for key in ("gna", "flex_tiled"):
         entry = result.get(key, {})
         if "bwd_ms" in entry:
             entry["bwd_speedup"] = base["bwd_ms"] / entry["bwd_ms"]
@@ -110,8 +104,7 @@ def _fmt(entry):
 
 def _print_row(r):
     print(f"{r['problem']:24s} {r['dtype']:8s} bound {r['flop_bound']:5.1f}x | cudnn "
-          f"{_fmt(r.get('cudnn'))} | gna {_fmt(r.get('gna'))} | gna deterministic "
-          f"{_fmt(r.get('gna_deterministic'))} | flex tiled "
+          f"{_fmt(r.get('cudnn'))} | gna {_fmt(r.get('gna'))} | flex tiled "
           f"{_fmt(r.get('flex_tiled'))} | gna vs flex bwd "
           f"{r.get('gna', {}).get('bwd_vs_flex', '-')}", flush=True)
 

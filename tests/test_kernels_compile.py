@@ -29,7 +29,7 @@ from gna.kernels.backward import (  # noqa: E402
 from gna.kernels.forward import gna_forward_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-FP32_POINTERS = {"Lse", "Delta", "dLse", "Stats", "dEK", "dEV", "dQacc"}
+FP32_POINTERS = {"Lse", "Delta", "dLse", "Stats", "dEK", "dEV"}
 INT32_POINTERS = {"Win", "Inv", "Rng", "Counts"}
 DATA_POINTERS = {"Q", "K", "V", "EK", "EV", "dO", "Out", "dK", "dV", "dQ"}
 FLOATS = {"qk_scale", "scale"}
@@ -75,16 +75,10 @@ CASES = {
                                              PRECISION="ieee", USE_TMA=True,
                                              WARP_SPECIALIZE=False, COUNT_TILES=False)),
     "dkdv": (gna_backward_dkdv_kernel, dict(TILES, HEAD_DIM=64, head_dim=64, PRECISION="ieee",
-                                            KV_MAJOR=False, USE_TMA=False, FUSE_DQ=False)),
+                                            KV_MAJOR=False, USE_TMA=False)),
     "dkdv-kv-major-tma": (gna_backward_dkdv_kernel, dict(TILES, HEAD_DIM=64, head_dim=64,
                                                          PRECISION="ieee", KV_MAJOR=True,
-                                                         USE_TMA=True, FUSE_DQ=False)),
-    "dkdv-fused-dq-tma": (gna_backward_dkdv_kernel, dict(TILES, HEAD_DIM=64, head_dim=64,
-                                                         PRECISION="ieee", KV_MAJOR=True,
-                                                         USE_TMA=True, FUSE_DQ=True)),
-    "dkdv-fused-dq": (gna_backward_dkdv_kernel, dict(TILES, HEAD_DIM=64, head_dim=64,
-                                                     PRECISION="ieee", KV_MAJOR=True,
-                                                     USE_TMA=False, FUSE_DQ=True)),
+                                                         USE_TMA=True)),
     "dq": (gna_backward_dq_kernel, dict(TILES, HEAD_DIM=64, head_dim=64, HAS_EXTRA=True,
                                         PRECISION="ieee", USE_TMA=False)),
     "delta": (gna_backward_delta_kernel, dict(T0=1, T1=4, T2=8, HEAD_DIM=64, head_dim=64,

@@ -58,11 +58,8 @@ def neighborhood_attention(
         backend: None picks the fastest that can run the call; ``"reference"`` forces the
             pure-PyTorch oracle. See ``gna.backends.available()``.
         q_tile_shape, kv_tile_shape, backward_*: kernel tile shapes (kernel backends only).
-        deterministic: run-to-run identical gradients. The reference backend always gives
-            them. The Triton backward by default accumulates dQ with atomic adds inside the
-            dK/dV kernel where it can (fp32 sums in a varying order: gradients differ run to
-            run in the last bits, within the stated error bounds); ``True`` computes dQ in a
-            separate kernel instead, each element written by one program (slower).
+        deterministic: run-to-run identical gradients. Both backends always are (the Triton
+            backward kernels use no atomics); the flag is accepted for NATTEN compatibility.
         fp32_precision: ``"ieee"`` or ``"tf32"`` for float32 inputs on kernel backends.
 
     Returns:
@@ -81,8 +78,7 @@ def neighborhood_attention(
         out, lse = triton_backend.compiled_call(
             query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
             additional_values, (q_tile_shape, kv_tile_shape, backward_q_tile_shape,
-                                backward_kv_tile_shape), fp32_precision == "tf32",
-            deterministic)
+                                backward_kv_tile_shape), fp32_precision == "tf32")
         return (out, lse) if return_lse else out
     args = (_ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
             additional_keys, additional_values, backend, q_tile_shape, kv_tile_shape,

@@ -9,10 +9,8 @@ gradients, and returns ``(dq, dk, dv, dextra_k, dextra_v)``. The geometry tables
 Four launches: delta (fp32, laid out like the LSE; also both row statistics tile-major for
 dK/dV), dK/dV (one program per KV tile x dilation group x batch x KV head), dQ (one program
 per Q tile x dilation group x batch x head) and, with additional keys, their dK/dV as fp32
-partial sums over token splits, added here in a fixed order. With ``deterministic`` each
-output element is written by exactly one program. Without it, where dK/dV runs KV-major and
-there are no additional keys, the dQ launch is dropped: dK/dV adds each tile pair's dQ share
-to an fp32 buffer with atomic adds (:func:`fuses_dq`). The KV-major dK/dV masks come from
+partial sums over token splits, added here in a fixed order. Everything is deterministic:
+each output element is written by exactly one program. The KV-major dK/dV masks come from
 per-key query ranges (:meth:`gna.geometry.Dim.query_ranges`).
 
 Each kernel starts from the forward's tiles and launch options and is fitted to the device's
@@ -58,7 +56,7 @@ from .triton_backend import (
     unit_last,
 )
 
-__all__ = ["KernelConfig", "backward_configs", "fuses_dq", "launch_backward", "refused_dkdv"]
+__all__ = ["KernelConfig", "backward_configs", "launch_backward", "refused_dkdv"]
 
 # Programs the additional-key kernel aims for (token splits x extra tiles x batch x KV heads):
 # enough to fill an H100's 132 SMs a few times over when there are few extra tiles.
@@ -291,8 +289,7 @@ def backward_configs(geo: Geometry, config: LaunchConfig, elem: int, head_dim_p2
 
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
                     scale: float, config: LaunchConfig, tf32: bool = False,
-                    configs: tuple[KernelConfig, KernelConfig] | None = None,
-                    deterministic: bool = False):
+                    configs: tuple[KernelConfig, KernelConfig] | None = None):
     """Gradients of GNA w.r.t. ``q, k, v`` and the additional keys/values.
 
     Args:
@@ -308,11 +305,6 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         tf32: fp32 inputs multiply in TF32 instead of IEEE fp32.
         configs: ``(dq, dkdv)`` kernel configurations instead of :func:`backward_configs`'
             (tuning scripts and tests).
-        deterministic: compute dQ in its own kernel, each element written by one program,
-            so gradients are identical run to run. Otherwise, where dK/dV runs KV-major and
-            there are no additional keys, dK/dV also adds each tile pair's dQ share to an
-            fp32 accumulator with atomic adds (:func:`fuses_dq`): no dQ kernel and no
-            recomputed scores, at the price of a summation order that varies run to run.
 
     Returns ``(dq, dk, dv, dextra_k, dextra_v)`` with the inputs' shapes and dtypes
     (contiguous); the extra gradients are None without additional keys.
@@ -324,17 +316,14 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     if extra_k is not None:
         extra_k, extra_v = unit_last(extra_k), unit_last(extra_v)
     views = (q, k, v, out, dout) if extra_k is None else (q, k, v, out, dout, extra_k, extra_v)
-    key = (geo, config, configs, tf32, scale, dlse is None, deterministic, signature(views))
+    key = (geo, config, configs, tf32, scale, dlse is None, signature(views))
     plan = _BACKWARD_PLANS.get(key) or cache_plan(
         _BACKWARD_PLANS, key, lambda: _plan_backward(q, k, v, extra_k, extra_v, out, dout,
                                                      dlse is not None, geo, scale, config,
-                                                     tf32, configs, deterministic))
+                                                     tf32, configs))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     stats = torch.empty(2 * plan.stat_stride, dtype=torch.float32, device=q.device)
-    if plan.fused_dq:  # fp32 accumulator of the atomic adds, laid out like a contiguous q
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    else:
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, stats=stats,
@@ -345,8 +334,6 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         with _scratch_allocator(launch.tma):
             launch_cached(launch.kernel, launch.grid, tuple(buffers[n] for n in launch.tensors),
                           launch.scalars, launch.constexprs, launch.num_warps, launch.num_stages)
-    if plan.fused_dq:  # the kernel added unscaled dS K
-        dq = dq.mul_(scale) if q.dtype == torch.float32 else dq.mul_(scale).to(q.dtype)
     if extra_k is None:
         return dq, dk, dv, None, None
     dextra_k, dextra_v = _launch_extra(q, extra_k, extra_v, dout, lse, delta, plan.l_strides,
@@ -378,22 +365,13 @@ class _BackwardPlan:
     dkdv_config: KernelConfig
     head_dim_p2: int
     precision: str
-    fused_dq: bool  # dK/dV adds dQ atomically into an fp32 buffer; no dQ launch
 
 
 _BACKWARD_PLANS: dict = {}
 
 
-def fuses_dq(dkdv: KernelConfig, has_extra: bool, deterministic: bool) -> bool:
-    """Whether the dK/dV kernel also computes dQ (atomic adds into an fp32 accumulator) in
-    place of the dQ kernel: KV-major dK/dV, no additional keys (their share of dQ comes from
-    the dQ kernel), and ``deterministic`` not asked for. The dQ kernel recomputes the scores
-    and dP (three GEMMs per tile pair); the fused step adds one GEMM to dK/dV's four."""
-    return dkdv.kv_major and not has_extra and not deterministic
-
-
 def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, config, tf32,
-                   configs, deterministic) -> _BackwardPlan:
+                   configs) -> _BackwardPlan:
     """The delta, dK/dV and dQ launches for these inputs' shapes, strides and alignments."""
     ndim = geo.ndim
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
@@ -415,7 +393,6 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     refused = refused_dkdv(dkdv_config, head_dim_p2)
     if refused:
         raise ValueError(f"dK/dV configuration {dkdv_config} at head_dim {head_dim}: {refused}")
-    fused_dq = fuses_dq(dkdv_config, extra_k is not None, deterministic)
     precision = "tf32" if tf32 else "ieee"
     qk_scale = scale * _LOG2E
     # The buffers each call allocates are contiguous: their strides, from meta tensors.
@@ -452,18 +429,15 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     launches.append(_Launch(
         gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups, batch * heads_kv),
-        ("q", "k", "v", "dout", "stats", "dk", "dv", "win_dkdv", "inv", "dq"),
+        ("q", "k", "v", "dout", "stats", "dk", "dv", "win_dkdv", "inv"),
         (*_strides(q, ndim), *_strides(k, ndim), *_strides(v, ndim), *_strides(dout, ndim),
-         *_strides(dk, ndim), *_strides(dv, ndim), *_strides(dq, ndim),
+         *_strides(dk, ndim), *_strides(dv, ndim),
          *geo_args, *inv_plan.n_kv_tiles, nt1, nt2, n_q_tiles, stat_stride,
          *win_dkdv.stride()[:3], *inv.stride()[:3],
          heads_kv, groups_per_kv, qk_scale, scale),
         dict(_tile_constexprs(plan), HEAD_DIM=head_dim_p2, head_dim=head_dim,
-             PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma, FUSE_DQ=fused_dq),
+             PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma),
         c.num_warps, c.num_stages, c.use_tma))
-    if fused_dq:
-        return _BackwardPlan(tuple(launches), dict(win_dkdv=win_dkdv, inv=inv), stat_stride,
-                             l_strides, dkdv_config, head_dim_p2, precision, True)
 
     # dQ: per Q tile, the forward's range of KV tiles, then the additional keys.
     _, _, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)
@@ -481,7 +455,7 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
              HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
         c.num_warps, c.num_stages, c.use_tma))
     return _BackwardPlan(tuple(launches), dict(win_dkdv=win_dkdv, inv=inv, win_dq=win_dq, rng=rng),
-                         stat_stride, l_strides, dkdv_config, head_dim_p2, precision, False)
+                         stat_stride, l_strides, dkdv_config, head_dim_p2, precision)
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,

@@ -116,17 +116,14 @@ def _dkdv_step(
     q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
     step0, step1, step2, G0, G1, G2,
     Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
-    dq_grp, dq_desc, dq_row, sdq_0, sdq_1, sdq_2, sdq_h,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One step of a dK/dV loop: Q tile ``(t0, t1, t2)`` and query head ``h`` (int64) against
     this program's KV tile, with per-query masks if ``MASKED``. The row statistics come from
     the tile-major ``Stats`` (see the delta kernel): contiguous, so no per-row addresses stay
-    live through the loop. ``FUSE_DQ`` (KV-major only) also adds this step's unscaled
-    ``dS K`` to the fp32 dQ accumulator (``dq_grp`` / ``dq_desc``, laid out like Q) with
-    atomic adds: TMA reductions with ``USE_TMA``, else per-element atomics."""
+    live through the loop."""
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     offs_m = tl.arange(0, BLOCK_M)
     i0, i1, i2 = tile_coords(t0, t1, t2, offs_m, T0, T1, T2)
@@ -158,17 +155,8 @@ def _dkdv_step(
         p = tl.exp2(s)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds = (p * (dp - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds, q, dk, input_precision=PRECISION)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds), k, input_precision=PRECISION)
-            if USE_TMA:
-                dq_desc.atomic_add([t0 * T0, t1 * T1, t2 * T2, h.to(tl.int32), 0],
-                                   dq.reshape(T0, T1, T2, 1, HEAD_DIM))
-            else:
-                tl.atomic_add(dq_grp + s0 * sdq_0 + s1 * sdq_1 + s2 * sdq_2 + h * sdq_h
-                              + dq_row[:, None] + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & d_mask[None, :], sem="relaxed")
+        ds = p * (dp - delta[None, :])
+        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
     else:
         # Scores [queries, keys]: the Q tile is the GEMMs' M side; P and dS reach the dV / dK
         # GEMMs transposed, through shared memory.
@@ -190,14 +178,13 @@ def _dkdv_step(
 # as must the tile count that is cast to int64.
 @triton.jit(do_not_specialize=["D0", "D1", "D2", "n_q_tiles"])
 def gna_backward_dkdv_kernel(
-    Q, K, V, dO, Stats, dK, dV, Win, Inv, dQacc,
+    Q, K, V, dO, Stats, dK, dV, Win, Inv,
     sq_b, sq_0, sq_1, sq_2, sq_h,
     sk_b, sk_0, sk_1, sk_2, sk_h,
     sv_b, sv_0, sv_1, sv_2, sv_h,
     sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
     sdk_b, sdk_0, sdk_1, sdk_2, sdk_h,
     sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
-    sdq_b, sdq_0, sdq_1, sdq_2, sdq_h,  # dQacc (fp32, used with FUSE_DQ only)
     L0, L1, L2, D0, D1, D2,  # full sizes and dilations of the (padded) 3 dimensions
     NK0, NK1, NK2,  # KV tiles per dimension of dilation group 0 (the longest)
     NT1, NT2, n_q_tiles, stat_stride,  # Q tiling of Stats (see the delta kernel)
@@ -206,16 +193,14 @@ def gna_backward_dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, PRECISION: tl.constexpr,
-    KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr,
+    KV_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """dK, dV of one KV tile, one batch, one KV head (and with ``FUSE_DQ``, this tile's share
-    of dQ, added atomically to ``dQacc``). Tiles past the end of a shorter dilation
+    """dK, dV of one KV tile, one batch, one KV head. Tiles past the end of a shorter dilation
     group have empty ranges and masked stores. ``KV_MAJOR`` computes the scores transposed
     (keys x queries) and takes as ``Win`` the per-key query ranges
     (:meth:`gna.geometry.Dim.query_ranges`) instead of the per-query key windows: its masks
     then need per-key values, which in that layout cost a few registers, and no per-query
     loads. ``USE_TMA`` reads Q and dO through tensor descriptors (Hopper)."""
-    tl.static_assert(KV_MAJOR or not FUSE_DQ, "dQ is fused into the KV-major layout only")
     BLOCK_N: tl.constexpr = K0 * K1 * K2
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     pid_t = tl.program_id(0)
@@ -253,13 +238,11 @@ def gna_backward_dkdv_kernel(
     y2 = (r2 * D2).to(tl.int64)
     q_row = y0 * sq_0 + y1 * sq_1 + y2 * sq_2
     do_row = y0 * sdo_0 + y1 * sdo_1 + y2 * sdo_2
-    dq_row = y0 * sdq_0 + y1 * sdq_1 + y2 * sdq_2
     z0 = g0.to(tl.int64)
     z1 = g1.to(tl.int64)
     z2 = g2.to(tl.int64)
     q_grp = Q + b * sq_b + z0 * sq_0 + z1 * sq_1 + z2 * sq_2
     do_grp = dO + b * sdo_b + z0 * sdo_0 + z1 * sdo_1 + z2 * sdo_2
-    dq_grp = dQacc + b * sdq_b + z0 * sdq_0 + z1 * sdq_1 + z2 * sdq_2
     # Row statistics of this batch and group; a query head adds h * stat_h.
     stat_h = n_q_tiles.to(tl.int64) * (D0 * D1 * D2) * BLOCK_M
     stat_base = (b * (heads_kv * groups_per_kv) * stat_h
@@ -278,16 +261,9 @@ def gna_backward_dkdv_kernel(
             do_grp, shape=[G0, G1, G2, heads, head_dim],
             strides=[D0 * sdo_0, D1 * sdo_1, D2 * sdo_2, sdo_h, 1],
             block_shape=[T0, T1, T2, 1, HEAD_DIM])
-        dq_desc = None
-        if FUSE_DQ:
-            dq_desc = tl.make_tensor_descriptor(
-                dq_grp, shape=[G0, G1, G2, heads, head_dim],
-                strides=[D0 * sdq_0, D1 * sdq_1, D2 * sdq_2, sdq_h, 1],
-                block_shape=[T0, T1, T2, 1, HEAD_DIM])
     else:
         q_desc = None
         do_desc = None
-        dq_desc = None
 
     # Q tile ranges of this KV tile per dimension: visited [f, l), mask-free [ff, fl).
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = load_ranges(
@@ -307,9 +283,8 @@ def gna_backward_dkdv_kernel(
             q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
             step0, step1, step2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
-            dq_grp, dq_desc, dq_row, sdq_0, sdq_1, sdq_2, sdq_h,
             T0, T1, T2, HEAD_DIM, MASKED=False, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
-            PRECISION=PRECISION, FUSE_DQ=FUSE_DQ)
+            PRECISION=PRECISION)
         hh += 1
         wrap = hh >= groups_per_kv
         hh = tl.where(wrap, 0, hh)
@@ -328,9 +303,8 @@ def gna_backward_dkdv_kernel(
             q_row, do_row, sq_0, sq_1, sq_2, sq_h, sdo_0, sdo_1, sdo_2, sdo_h,
             step0, step1, step2, G0, G1, G2,
             Win, win_s0, win_s1, win_s2, g0, g1, g2, offs_d, d_mask, qk_scale,
-            dq_grp, dq_desc, dq_row, sdq_0, sdq_1, sdq_2, sdq_h,
             T0, T1, T2, HEAD_DIM, MASKED=True, KV_MAJOR=KV_MAJOR, USE_TMA=USE_TMA,
-            PRECISION=PRECISION, FUSE_DQ=FUSE_DQ)
+            PRECISION=PRECISION)
 
     mask = col_ok[:, None] & d_mask[None, :]
     tl.store(dK + b * sdk_b + hk * sdk_h + (x0 * sdk_0 + x1 * sdk_1 + x2 * sdk_2)[:, None]
