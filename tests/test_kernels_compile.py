@@ -31,7 +31,8 @@ from gna.kernels.forward import gna_forward_kernel  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 FP32_POINTERS = {"Lse", "Delta", "dLse", "Stats", "dEK", "dEV"}
 INT32_POINTERS = {"Win", "Inv", "Rng", "Counts"}
-DATA_POINTERS = {"Q", "K", "V", "EK", "EV", "dO", "Out", "dK", "dV", "dQ"}
+DATA_POINTERS = {"Q", "K", "V", "EK", "EV", "dO", "Out", "dK", "dV", "dQ", "KD", "VD"}
+DESCRIPTORS = {"KD", "VD"}  # host-made tensor descriptors where HOST_DESC is set
 FLOATS = {"qk_scale", "scale"}
 TILES = dict(T0=1, T1=4, T2=8, K0=2, K1=4, K2=8)
 
@@ -45,6 +46,9 @@ def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
         if name in constexprs:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
+        elif name in DESCRIPTORS and constexprs.get("HOST_DESC"):
+            block = [constexprs[n] for n in ("K0", "K1", "K2")] + [1, constexprs["HEAD_DIM"]]
+            signature[name] = f"tensordesc<fp16[{','.join(map(str, block))}]>"
         elif name in DATA_POINTERS:
             signature[name] = "*fp16"
         elif name in FP32_POINTERS:
@@ -69,11 +73,14 @@ def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
 
 CASES = {
     "forward": (gna_forward_kernel, dict(TILES, HEAD_DIM=64, PAD_D=False, HAS_EXTRA=True,
-                                         PRECISION="ieee", USE_TMA=False,
+                                         PRECISION="ieee", USE_TMA=False, HOST_DESC=False,
                                          WARP_SPECIALIZE=False, COUNT_TILES=False)),
     "forward-tma": (gna_forward_kernel, dict(TILES, HEAD_DIM=64, PAD_D=False, HAS_EXTRA=True,
-                                             PRECISION="ieee", USE_TMA=True,
+                                             PRECISION="ieee", USE_TMA=True, HOST_DESC=False,
                                              WARP_SPECIALIZE=False, COUNT_TILES=False)),
+    "forward-tma-host-descriptors": (gna_forward_kernel, dict(
+        TILES, HEAD_DIM=64, PAD_D=False, HAS_EXTRA=True, PRECISION="ieee", USE_TMA=True,
+        HOST_DESC=True, WARP_SPECIALIZE=False, COUNT_TILES=False)),
     "dkdv": (gna_backward_dkdv_kernel, dict(TILES, HEAD_DIM=64, head_dim=64, PRECISION="ieee",
                                             KV_MAJOR=False, USE_TMA=False)),
     "dkdv-kv-major-tma": (gna_backward_dkdv_kernel, dict(TILES, HEAD_DIM=64, head_dim=64,

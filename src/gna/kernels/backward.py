@@ -417,10 +417,10 @@ def gna_backward_dq_kernel(
     for n in range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)):
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
         k = load_kv_tile(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2, k_desc, k_col, offs_d,
-                         d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                         d_mask, j0, j1, j2, None, 0, 0, K0, K1, K2, HEAD_DIM,
                          MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
         v = load_kv_tile(v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2, v_desc, v_col, offs_d,
-                         d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
+                         d_mask, j0, j1, j2, None, 0, 0, K0, K1, K2, HEAD_DIM,
                          MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
         dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, c0, c1, c2,
                          ws0, we0, ws1, we1, ws2, we2, qk_scale,
@@ -434,10 +434,10 @@ def gna_backward_dq_kernel(
         col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
         s0, s1, s2 = j0 * step0, j1 * step1, j2 * step2
         k = load_kv_tile(k_grp + s0 * sk_0 + s1 * sk_1 + s2 * sk_2, k_desc, k_col, offs_d,
-                         d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                         d_mask, j0, j1, j2, col_ok, 0, 0, K0, K1, K2, HEAD_DIM,
                          MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
         v = load_kv_tile(v_grp + s0 * sv_0 + s1 * sv_1 + s2 * sv_2, v_desc, v_col, offs_d,
-                         d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
+                         d_mask, j0, j1, j2, col_ok, 0, 0, K0, K1, K2, HEAD_DIM,
                          MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
         dq = _dq_kv_tile(dq, q, do, lse2, delta, k, v, kx0, kx1, kx2,
                          ws0, we0, ws1, we1, ws2, we2, qk_scale,

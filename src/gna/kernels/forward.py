@@ -60,7 +60,7 @@ def _attend_tile(
 # Dilations equal to 1 must stay run-time values (Triton folds 1s into constants otherwise).
 @triton.jit(do_not_specialize=["D0", "D1", "D2"])
 def gna_forward_kernel(
-    Q, K, V, EK, EV, Out, Lse, Win, Rng, Counts,
+    Q, K, V, EK, EV, Out, Lse, Win, Rng, Counts, KD, VD,
     sq_b, sq_0, sq_1, sq_2, sq_h,
     sk_b, sk_0, sk_1, sk_2, sk_h,
     sv_b, sv_0, sv_1, sv_2, sv_h,
@@ -74,14 +74,20 @@ def gna_forward_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    COUNT_TILES: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
     """``HEAD_DIM`` is head_dim rounded up to a power of two (``PAD_D`` when they differ).
     Tiles past the end of a shorter dilation group have empty ranges and masked stores.
     ``COUNT_TILES`` (a debug mode) counts the KV tiles each program's loops actually ran and
     how many of them were masked, stored as ``Counts[pid_g, pid_t] = (visited, masked)`` by the
-    programs of batch 0, head 0."""
+    programs of batch 0, head 0.
+
+    ``USE_TMA`` reads K/V through tensor descriptors: ``KD``/``VD``, made on the host over the
+    whole tensors, with ``HOST_DESC`` (no dilation; see
+    :func:`gna.triton_backend.host_descriptors`), else one per program over its group, batch
+    and head. Making a descriptor in the kernel costs each program ~4 us of latency
+    (measured on H100), as much as two KV tiles of work."""
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     BLOCK_N: tl.constexpr = K0 * K1 * K2
     pid_t = tl.program_id(0)
@@ -125,7 +131,11 @@ def gna_forward_kernel(
     v_step1 = (K1 * D1).to(tl.int64) * sv_1
     v_step2 = (K2 * D2).to(tl.int64) * sv_2
 
-    if USE_TMA:
+    kv_row0 = b * L0  # the batch's first row of the host descriptors' merged dimension
+    if USE_TMA and HOST_DESC:
+        k_desc = KD
+        v_desc = VD
+    elif USE_TMA:
         k_desc = group_descriptor(k_grp, G0, G1, G2, D0, D1, D2, sk_0, sk_1, sk_2, head_dim,
                                   K0, K1, K2, HEAD_DIM)
         v_desc = group_descriptor(v_grp, G0, G1, G2, D0, D1, D2, sv_0, sv_1, sv_2, head_dim,
@@ -145,11 +155,11 @@ def gna_forward_kernel(
     for n in tl.range(0, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2),
                       warp_specialize=WARP_SPECIALIZE):
         k = load_kv_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
-                         offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
-                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+                         offs_d, d_mask, j0, j1, j2, None, kv_row0, h_kv, K0, K1, K2, HEAD_DIM,
+                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HOST_DESC=HOST_DESC)
         v = load_kv_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
-                         offs_d, d_mask, j0, j1, j2, None, K0, K1, K2, HEAD_DIM,
-                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA)
+                         offs_d, d_mask, j0, j1, j2, None, kv_row0, h_kv, K0, K1, K2, HEAD_DIM,
+                         MASKED=False, PAD_D=PAD_D, USE_TMA=USE_TMA, HOST_DESC=HOST_DESC)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, c0, c1, c2,
                                      ws0, we0, ws1, we1, ws2, we2, qk_scale,
                                      MASKED=False, PRECISION=PRECISION)
@@ -163,11 +173,13 @@ def gna_forward_kernel(
         kx0, kx1, kx2 = j0 * K0 + c0, j1 * K1 + c1, j2 * K2 + c2
         col_ok = (kx0 < G0) & (kx1 < G1) & (kx2 < G2)
         k = load_kv_tile(k_grp + j0 * k_step0 + j1 * k_step1 + j2 * k_step2, k_desc, k_col,
-                         offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
-                         MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+                         offs_d, d_mask, j0, j1, j2, col_ok, kv_row0, h_kv, K0, K1, K2,
+                         HEAD_DIM, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA,
+                         HOST_DESC=HOST_DESC)
         v = load_kv_tile(v_grp + j0 * v_step0 + j1 * v_step1 + j2 * v_step2, v_desc, v_col,
-                         offs_d, d_mask, j0, j1, j2, col_ok, K0, K1, K2, HEAD_DIM,
-                         MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA)
+                         offs_d, d_mask, j0, j1, j2, col_ok, kv_row0, h_kv, K0, K1, K2,
+                         HEAD_DIM, MASKED=True, PAD_D=PAD_D, USE_TMA=USE_TMA,
+                         HOST_DESC=HOST_DESC)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, kx0, kx1, kx2,
                                      ws0, we0, ws1, we1, ws2, we2, qk_scale,
                                      MASKED=True, PRECISION=PRECISION)

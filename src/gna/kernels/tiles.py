@@ -125,17 +125,25 @@ def in_window(x0, x1, x2, ws0, we0, ws1, we1, ws2, we2):
 
 
 @triton.jit
-def load_kv_tile(base, desc, col, offs_d, d_mask, j0, j1, j2, col_ok,
+def load_kv_tile(base, desc, col, offs_d, d_mask, j0, j1, j2, col_ok, row0, hk,
                  K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 MASKED: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr):
+                 MASKED: tl.constexpr, PAD_D: tl.constexpr, USE_TMA: tl.constexpr,
+                 HOST_DESC: tl.constexpr = False):
     """A ``[K0*K1*K2, HEAD_DIM]`` box of keys (or values) of KV tile ``(j0, j1, j2)`` (forward
     and dQ kernels).
 
     With ``USE_TMA`` the copy engine fetches the box through a tensor descriptor and zero-fills
-    what lies outside the group; otherwise per-row pointers (``base`` is the tile's origin).
+    what lies outside the group: one made by the program over its group, batch and head
+    (:func:`group_descriptor`), or with ``HOST_DESC`` one made on the host over the whole
+    tensor (``[batch * L0, L1, L2, heads, head_dim]``, see
+    :func:`gna.triton_backend.host_descriptors`), addressed from row ``row0`` (the batch's
+    first) and head ``hk``. Otherwise per-row pointers (``base`` is the tile's origin).
     """
     if USE_TMA:
-        box = desc.load([j0 * K0, j1 * K1, j2 * K2, 0])
+        if HOST_DESC:
+            box = desc.load([row0 + j0 * K0, j1 * K1, j2 * K2, hk, 0])
+        else:
+            box = desc.load([j0 * K0, j1 * K1, j2 * K2, 0])
         return box.reshape(K0 * K1 * K2, HEAD_DIM)
     ptrs = base + col[:, None] + offs_d[None, :]
     if MASKED:  # columns past the group's end (and padding of the head dim) read 0
