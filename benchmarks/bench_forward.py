@@ -128,6 +128,8 @@ def bench_problem(name, shape, heads, window, stride, natten, dtype, head_dim, f
     result = {"problem": name, "shape": shape, "heads": heads, "window": window,
               "stride": stride, "dtype": str(dtype).split(".")[-1], "head_dim": head_dim,
               "q_tile": config.q_tile, "kv_tile": config.kv_tile,
+              "kernel": "triton" if triton_backend.gluon_block_sparse_ineligible(
+                  q, k, v, None, problem.geometry, config) else "gluon-block-sparse",
               "num_warps": config.num_warps, "num_stages": config.num_stages,
               "flop_bound": flop_bound, "natten_published": natten}
     out = ours()
@@ -177,7 +179,8 @@ def _print_row(r):
           f" (gpu {r['gna_gpu_only_ms']:.3f}ms host {r['gna_host_us']:.0f}us)"
           f" | flex flat {_fmt(r.get('flex_flat'))} | flex tiled {_fmt(r.get('flex_tiled'))}"
           f" | bound {r['flop_bound']:.1f}x natten {r['natten_published']}"
-          f" tiles {r['q_tile']}/{r['kv_tile']} diff {r.get('max_abs_diff_vs_peer', '-')}",
+          f" tiles {r['q_tile']}/{r['kv_tile']} {r['kernel']}"
+          f" diff {r.get('max_abs_diff_vs_peer', '-')}",
           flush=True)
 
 

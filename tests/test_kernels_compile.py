@@ -37,20 +37,21 @@ FLOATS = {"qk_scale", "scale"}
 TILES = dict(T0=1, T1=4, T2=8, K0=2, K1=4, K2=8)
 
 
-def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
-    """Compile ``kernel`` for sm_90 with its integer arguments specialized to 1 (except those
-    it marks ``do_not_specialize``)."""
+def _signature(kernel, constexprs: dict, data_type="fp16", descriptor=lambda name: None):
+    """Signature, constants and attributes to compile ``kernel`` ahead of time: ``constexprs``
+    as given, tensor descriptors typed by ``descriptor(name)``, data pointers of
+    ``data_type``, and every other integer argument equal to 1 (what the JIT specializes it
+    to) unless the kernel marks it ``do_not_specialize``."""
     signature, constants, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         name = p.name
         if name in constexprs:
             signature[name] = "constexpr"
             constants[(i,)] = constexprs[name]
-        elif name in DESCRIPTORS and constexprs.get("HOST_DESC"):
-            block = [constexprs[n] for n in ("K0", "K1", "K2")] + [1, constexprs["HEAD_DIM"]]
-            signature[name] = f"tensordesc<fp16[{','.join(map(str, block))}]>"
+        elif descriptor(name):
+            signature[name] = descriptor(name)
         elif name in DATA_POINTERS:
-            signature[name] = "*fp16"
+            signature[name] = "*" + data_type
         elif name in FP32_POINTERS:
             signature[name] = "*fp32"
         elif name in INT32_POINTERS:
@@ -66,9 +67,48 @@ def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
     assert not missing, f"test gives no value for constexprs {missing}"
+    return signature, constants, attrs
+
+
+def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
+    """Compile a Triton kernel for sm_90 with its integer arguments specialized to 1."""
+    def descriptor(name):
+        if name in DESCRIPTORS and constexprs.get("HOST_DESC"):
+            block = [constexprs[n] for n in ("K0", "K1", "K2")] + [1, constexprs["HEAD_DIM"]]
+            return f"tensordesc<fp16[{','.join(map(str, block))}]>"
+        return None
+
+    signature, constants, attrs = _signature(kernel, constexprs, descriptor=descriptor)
     src = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=HOPPER,
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _compile_gluon_forward(dtype: str, q_tile, kv_tile, head_dim: int):
+    """The Gluon block-sparse forward with the launcher's options, integer arguments equal to
+    1 specialized, and its three tensor descriptors typed as the launcher makes them."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from gna import triton_backend as tb
+    from gna.kernels.forward_gluon import gna_forward_block_sparse_kernel as kernel
+
+    elem = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
+    blocks = {"q_desc": [*q_tile, 1, head_dim], "k_desc": [*kv_tile, 1, head_dim],
+              "v_desc": [*kv_tile, 1, head_dim]}
+
+    def descriptor(name):
+        if name not in blocks:
+            return None
+        layout = gl.NVMMASharedLayout.get_default_for(blocks[name], elem)
+        return f"tensordesc<{dtype}[{','.join(map(str, blocks[name]))}],{layout!r}>"
+
+    constexprs = dict(STAGES=tb._GLUON_STAGES, CONSUMER_REGS=tb._GLUON_REGS[0],
+                      PRODUCER_REGS=tb._GLUON_REGS[1])
+    signature, constants, attrs = _signature(kernel, constexprs, dtype, descriptor)
+    src = GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=HOPPER, options={"num_warps": tb._GLUON_NUM_WARPS,
+                                                       "maxnreg": tb._GLUON_MAXNREG})
 
 
 CASES = {
@@ -95,7 +135,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The Gluon block-sparse forward, typed as its launcher calls it.
+GLUON_CASES = {
+    "forward-gluon-block-sparse-1d-fp16-d128": ("fp16", (1, 1, 128), (1, 1, 128), 128),
+    "forward-gluon-block-sparse-3d-bf16-d64": ("bf16", (2, 8, 8), (2, 8, 8), 64),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(GLUON_CASES))
 def test_kernel_compiles_for_hopper_with_unit_sizes(case):
     # The kernels compile in a fresh process: under TRITON_INTERPRET=1 (set for the other
     # tests) they are interpreter objects, which the compiler does not take.
@@ -106,5 +153,10 @@ def test_kernel_compiles_for_hopper_with_unit_sizes(case):
 
 
 if __name__ == "__main__":
-    kernel, constexprs = CASES[sys.argv[1]]
-    _compile(kernel, constexprs)
+    if sys.argv[1] in GLUON_CASES:
+        compiled = _compile_gluon_forward(*GLUON_CASES[sys.argv[1]])
+        # Within an H100's shared memory per block, as the launcher plans.
+        assert compiled.metadata.shared <= 232448, compiled.metadata.shared
+    else:
+        kernel, constexprs = CASES[sys.argv[1]]
+        _compile(kernel, constexprs)

@@ -9,6 +9,7 @@ fp32 ieee 1e-5, fp32 tf32 5e-3, fp16 5e-3, bf16 3e-2; LSE absolute: 1e-4 fp32 ie
 otherwise.
 """
 
+import dataclasses
 import math
 import random
 
@@ -373,11 +374,11 @@ def test_forward_torch_compile_fullgraph():
     assert module.qkv.weight.grad is not None
 
 
-@gpu
-def test_forward_cuda_graph_gpu():
-    q, k, v = (torch.randn(1, 16, 16, 16, 2, 64, device="cuda", dtype=torch.float16)
+def _check_cuda_graph(shape, head_dim, **kw):
+    """``gna.na3d`` captured in a CUDA graph and replayed on new query values equals an eager
+    call on them."""
+    q, k, v = (torch.randn(1, *shape, 2, head_dim, device="cuda", dtype=torch.float16)
                for _ in range(3))
-    kw = dict(kernel_size=(3, 5, 5), stride=(1, 2, 2), backend="triton")
     expected = gna.na3d(q, k, v, **kw)  # warm-up: compiles the kernel and caches tables
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -392,6 +393,12 @@ def test_forward_cuda_graph_gpu():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, gna.na3d(q, k, v, **kw), rtol=0, atol=0)
     assert not torch.equal(out, expected)
+
+
+@gpu
+def test_forward_cuda_graph_gpu():
+    _check_cuda_graph((16, 16, 16), 64, kernel_size=(3, 5, 5), stride=(1, 2, 2),
+                      backend="triton")
 
 
 def test_default_config_uses_saved_tuned_tiles(tmp_path, monkeypatch):
@@ -439,3 +446,143 @@ def test_api_call_memo_sees_newly_tuned_tiles(tmp_path, monkeypatch):
     assert used[2] == ((2, 8), (4, 4))
     torch.testing.assert_close(again, first, rtol=2e-3, atol=2e-3)
     tuned.forget()
+
+
+# --- The Gluon block-sparse forward (Hopper) ------------------------------------------------
+# Perfectly block-sparse problems (every visited KV tile mask-free) with 128-token tiles.
+GLUON_CASES = {
+    "1d": ((4096,), (512,), (512,)),
+    "2d": ((64, 64), (48, 48), (16, 16)),
+    "3d": ((8, 16, 32), (4, 8, 16), (4, 8, 16)),
+    "3d-dense": ((16, 16, 16), (16, 16, 16), (1, 1, 1)),
+}
+HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
+hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
+
+
+def _gluon_config(q, k, v, window, stride, dilation=1, **options):
+    problem = normalize(None, q, k, v, window, stride, dilation)
+    config = dataclasses.replace(default_config(problem, Options(**options)),
+                                 gluon_block_sparse=True)
+    return problem, config
+
+
+def test_gluon_forward_eligibility_rules():
+    """Which calls the Gluon kernel takes, decided before any GPU is needed: perfectly
+    block-sparse problems with 128-token tiles qualify (and then need a Hopper GPU); partial
+    tiles, dilation, additional keys, other dtypes and head dims do not."""
+    ineligible = triton_backend.gluon_block_sparse_ineligible
+
+    def reason(shape, window, stride, dilation=1, dtype=torch.float16, head_dim=128,
+               extra=False, **options):
+        q = torch.zeros(1, *shape, 2, head_dim, dtype=dtype)
+        problem, config = _gluon_config(q, q, q, window, stride, dilation, **options)
+        return ineligible(q, q, q, q if extra else None, problem.geometry, config)
+
+    for shape, window, stride in GLUON_CASES.values():
+        assert reason(shape, window, stride) == "needs a Hopper GPU (sm_90)"
+        assert reason(shape, window, stride, head_dim=64) == "needs a Hopper GPU (sm_90)"
+    assert reason((4096,), (512,), (1,)) == "some Q tiles visit partially masked KV tiles"
+    assert reason((4096,), (512,), (512,), dilation=(2,)) == "dilation"
+    assert reason((4096,), (512,), (512,), extra=True) == "additional keys/values"
+    assert reason((4096,), (512,), (512,), dtype=torch.float32).startswith("needs fp16")
+    assert reason((4096,), (512,), (512,), head_dim=32).startswith("needs head_dim")
+    assert reason((4096,), (512,), (512,), q_tile_shape=(64,)).startswith("needs 128-token")
+    q = torch.zeros(1, 4096, 2, 128, dtype=torch.float16)
+    problem, config = _gluon_config(q, q, q, (512,), (512,))
+    config = dataclasses.replace(config, gluon_block_sparse=False)
+    assert ineligible(q, q, q, None, problem.geometry, config).startswith("not requested")
+
+
+def _gluon_run(q, k, v, window, stride):
+    """The forward through the Gluon kernel (checked to be taken) and through the Triton
+    kernel, on the same inputs."""
+    problem, config = _gluon_config(q, k, v, window, stride)
+    why = triton_backend.gluon_block_sparse_ineligible(q, k, v, None, problem.geometry, config)
+    assert why is None, why
+    plans = {}
+    gluon = launch_forward(q, k, v, None, None, problem.geometry, problem.scale, config,
+                           plans=plans)
+    assert next(iter(plans.values())).gluon is not None
+    tri = launch_forward(q, k, v, None, None, problem.geometry, problem.scale,
+                         dataclasses.replace(config, gluon_block_sparse=False), plans={})
+    return gluon, tri
+
+
+@gpu
+@hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(GLUON_CASES))
+def test_gluon_forward_matches_reference_gpu(case, dtype, head_dim):
+    """Two batches, GQA (4 query heads on 2 KV heads), against the float64 reference."""
+    shape, window, stride = GLUON_CASES[case]
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, *shape, 4, head_dim, generator=g)
+    k, v = (torch.randn(2, *shape, 2, head_dim, generator=g) for _ in range(2))
+    (out, lse), _ = _gluon_run(*(t.to("cuda", dtype) for t in (q, k, v)), window, stride)
+    ref, ref_lse = gna.neighborhood_attention(
+        *(t.double() for t in (q, k, v)), window, stride, return_lse=True, backend="reference")
+    rel = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel <= REL_BOUND[dtype], f"{case} {dtype} d={head_dim}: rel err {rel:.2e}"
+    assert (lse.double().cpu() - ref_lse).abs().max().item() <= LSE_BOUND[dtype]
+
+
+@gpu
+@hopper
+def test_gluon_forward_equals_triton_kernel_gpu():
+    """Same arithmetic in the same order as the Triton kernel: bit-identical outputs and
+    LSE (measured on every benchmark problem), here on a fused qkv view (strided heads)."""
+    g = torch.Generator(device="cuda").manual_seed(8)
+    qkv = torch.randn(1, 64, 64, 3 * 4, 128, device="cuda", dtype=torch.float16, generator=g)
+    q, k, v = qkv.split([4, 4, 4], dim=-2)
+    (out, lse), (tri, tri_lse) = _gluon_run(q, k, v, (48, 48), (16, 16))
+    assert torch.equal(out, tri)
+    assert torch.equal(lse, tri_lse)
+
+
+@gpu
+@hopper
+def test_gluon_forward_cuda_graph_gpu():
+    _check_cuda_graph((8, 16, 32), 128, kernel_size=(4, 8, 16), stride=(4, 8, 16),
+                      backend="triton")
+
+
+@gpu
+@hopper
+def test_gluon_forward_64bit_offsets_gpu():
+    """A fused qkv view of 3 x 2^31+ elements through the Gluon kernel: the output offsets
+    past 2^31 must not wrap."""
+    heads, head_dim = 16, 128
+    n = (1 << 31) // (heads * head_dim) + 4096  # a multiple of 128
+    qkv = torch.empty(1, n, 3, heads, head_dim, device="cuda", dtype=torch.float16)
+    qkv.normal_()
+    q, k, v = qkv.unbind(dim=2)
+    (out, _), _ = _gluon_run(q, k, v, (128,), (128,))
+    tail = slice(n - 256, n)
+    ref = gna.na1d(*(t[:, tail].double().cpu() for t in (q, k, v)), kernel_size=128,
+                   stride=128, backend="reference")
+    rel = (out[:, tail].double().cpu() - ref).norm() / ref.norm()
+    assert rel < REL_BOUND[torch.float16], rel
+
+
+@gpu
+@hopper
+def test_gluon_forward_trains_gpu():
+    """Under autograd the Gluon forward's LSE feeds the backward kernels: gradients against
+    the float64 reference."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2048, 2, 128, generator=g) for _ in range(3))
+    grad = torch.randn(1, 2048, 2, 128, generator=g)
+    leaves = [t.to("cuda", torch.float16).requires_grad_() for t in (q, k, v)]
+    problem, config = _gluon_config(*leaves, (256,), (256,))
+    assert triton_backend.gluon_block_sparse_ineligible(
+        *leaves, None, problem.geometry, config) is None
+    gna.na1d(*leaves, kernel_size=256, stride=256, backend="triton").backward(
+        grad.to("cuda", torch.float16))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    gna.na1d(*ref_leaves, kernel_size=256, stride=256, backend="reference").backward(
+        grad.double())
+    for name, got, ref in zip("qkv", leaves, ref_leaves):
+        rel = ((got.grad.double().cpu() - ref.grad).norm() / ref.grad.norm()).item()
+        assert rel <= 1e-2, f"d{name}: rel err {rel:.2e}"

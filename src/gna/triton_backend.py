@@ -1,6 +1,8 @@
 """The ``triton`` backend: host launcher, ``torch.library`` op, autograd, registration.
 
-Layers, bottom up: the ``@triton.jit`` kernel (:mod:`gna.kernels.forward`); :func:`launch_forward`
+Layers, bottom up: the ``@triton.jit`` kernel (:mod:`gna.kernels.forward`), and on Hopper for
+perfectly block-sparse calls the Gluon kernel (:mod:`gna.kernels.forward_gluon`, chosen by
+:func:`gluon_block_sparse_ineligible`); :func:`launch_forward`
 (strides, geometry tables, grid, launch options; no autograd); the custom op ``gna::na_forward``
 so ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque call; autograd registered on
 it; and the backend entry :func:`run` that :mod:`gna.backends` dispatches to.
@@ -56,6 +58,9 @@ class LaunchConfig:
     num_stages: int = 2
     use_tma: bool = False  # K/V through tensor descriptors (Hopper copy engine)
     warp_specialize: bool = False  # Triton's warp specialization of the mask-free loop
+    # The persistent warp-specialized Gluon kernel (gna.kernels.forward_gluon) where the
+    # forward qualifies (see gluon_block_sparse_ineligible); the Triton kernel otherwise.
+    gluon_block_sparse: bool = False
 
 
 # Warp specialization of the mask-free loop, per number of dimensions (H100, fp16, d=128, with
@@ -149,7 +154,8 @@ def _default_config_cached(geo: Geometry, head_dim: int, q_tile, kv_tile, tma: b
                 f"smaller tiles")
     big = math.prod(q_tile) >= 128 and head_dim >= 64
     return LaunchConfig(q_tile, kv_tile, num_warps=8 if big else 4, num_stages=stages,
-                        use_tma=tma, warp_specialize=tma and _WARP_SPECIALIZE[geo.ndim])
+                        use_tma=tma, warp_specialize=tma and _WARP_SPECIALIZE[geo.ndim],
+                        gluon_block_sparse=tma)
 
 
 def _pad3(values, fill):
@@ -249,6 +255,8 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
                                           counts is not None))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if plan.gluon is not None:
+        return _launch_gluon_forward(plan, q, k, v, out, lse)
     if plan.descriptors is not None:
         shape, (k_strides, v_strides), block = plan.descriptors
         kd, vd = (TensorDescriptor(k, shape, k_strides, block),
@@ -314,14 +322,21 @@ class _ForwardPlan:
     # (shape, (K strides, V strides), block) of host-made K/V descriptors, or None
     # (see host_descriptors)
     descriptors: tuple | None
+    # The Gluon block-sparse kernel's Q, K, V descriptors: ((shape, strides, block, layout),
+    # ...) per tensor, or None where the Triton kernel runs.
+    gluon: tuple | None = None
     # Filled by the first launch: the compiled kernel, valid for every call of this signature
     # (it fixes the dtypes, pointer alignments and scalars Triton specializes on).
     compiled: list = dataclasses.field(default_factory=list)
 
+    @property
+    def kernel(self):
+        return gna_forward_kernel if self.gluon is None else _gluon_forward_kernel()
+
     @functools.cached_property
     def values(self) -> tuple:
         """The constexprs in the kernel's parameter order."""
-        return _constexpr_values(gna_forward_kernel, self.constexprs)
+        return _constexpr_values(self.kernel, self.constexprs)
 
 
 _FORWARD_PLANS: dict = {}
@@ -347,6 +362,8 @@ def _plan_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32, count) ->
                *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
                *win.stride()[:3], *rng.stride()[:3],
                heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
+    if gluon_block_sparse_ineligible(q, k, v, extra_k, geo, config, tf32, count) is None:
+        return _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale)
     descriptors = (host_descriptors(k, v, plan.geo3, plan.kv_tile, head_dim_p2, ndim)
                    if config.use_tma else None)
     constexprs = dict(T0=plan.q_tile[0], T1=plan.q_tile[1], T2=plan.q_tile[2],
@@ -357,6 +374,103 @@ def _plan_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32, count) ->
                       WARP_SPECIALIZE=config.warp_specialize, COUNT_TILES=count)
     grid = (math.prod(plan.n_tiles), math.prod(plan.geo3.dilation), batch * heads)
     return _ForwardPlan(config, grid, scalars, constexprs, win, rng, descriptors)
+
+
+# Measured on H100 (fp16, d=128, same run, benchmarks/results/forward_sweep.jsonl, session 5):
+# the Gluon kernel against the Triton kernel, outputs bit-identical: 1-D 32k stride 2048
+# 0.0766 -> 0.0684 ms (GPU time), 2-D 256x256 stride 16 9.59 -> 8.63 ms, 3-D 30x48x80
+# stride 16x8x8 27.3 -> 24.8 ms, 3-D dense 299 -> 273 ms.
+_GLUON_STAGES = 3  # K/V ring slots: Q + 3 x (K, V) tiles of 128 x 128 fp16 fill 224 KiB
+_GLUON_NUM_WARPS = 4  # per consumer warpgroup; the kernel adds one more and a producer warp
+_GLUON_MAXNREG = 168  # 12 warps (3 warpgroups) x 32 threads x 168 fits 64K registers
+_GLUON_REGS = (232, 40)  # registers of the second consumer and of the producer (setmaxnreg)
+
+
+def _gluon_forward_kernel():
+    from .kernels.forward_gluon import gna_forward_block_sparse_kernel
+
+    return gna_forward_block_sparse_kernel
+
+
+def gluon_block_sparse_ineligible(q, k, v, extra_k, geo: Geometry, config: LaunchConfig,
+                                  tf32: bool = False, count: bool = False) -> str | None:
+    """Why the Gluon block-sparse forward (:mod:`gna.kernels.forward_gluon`) cannot run this
+    call, or None if it can: Hopper (it issues ``wgmma``), fp16/bf16, head dims 64 and 128,
+    128-token Q and KV tiles, no additional keys, no dilation, every Q tile visiting at least
+    one KV tile and only mask-free ones, and Q, K, V readable through 5-D tensor descriptors
+    (16-byte aligned, batch and first dimension mergeable, see :func:`_merged_layout`).
+
+    Only full KV tiles are read, so no K/V box reaches past the layout into another batch; a Q
+    box may (the last Q tile of a batch whose first extent is not a multiple of the tile), but
+    those rows are padding, computed and never stored."""
+    if not config.gluon_block_sparse:
+        return "not requested (LaunchConfig.gluon_block_sparse)"
+    if count:
+        return "tile-count debug mode"
+    if extra_k is not None:
+        return "additional keys/values"
+    if any(d != 1 for d in geo.dilation):
+        return "dilation"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16 or bf16 inputs, got {q.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim not in (64, 128):
+        return f"needs head_dim 64 or 128, got {head_dim}"
+    if math.prod(config.q_tile) != 128 or math.prod(config.kv_tile) != 128:
+        return f"needs 128-token tiles, got {config.q_tile}/{config.kv_tile}"
+    visited, full = geo.tile_counts(config.q_tile, config.kv_tile)
+    if (visited != full).any() or full.min() < 1:
+        return "some Q tiles visit partially masked KV tiles"
+    if not q.is_cuda or _interpreting() or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs a Hopper GPU (sm_90)"
+    if not _tma_compatible(q, k, v):
+        return "q, k, v not 16-byte aligned for the copy engine"
+    plan = _plan(geo, config.q_tile, config.kv_tile)
+    if any(_merged_layout(t, plan.geo3, geo.ndim) is None for t in (q, k, v)):
+        return "batch stride does not merge with the first dimension's"
+    need = q.element_size() * head_dim * 128 * (1 + 2 * _GLUON_STAGES)
+    if need > shared_limit(q.device):
+        return f"needs {need} bytes of shared memory"
+    return None
+
+
+def _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale):
+    from triton.experimental.gluon import language as gl
+
+    ndim = geo.ndim
+    elem = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    descriptors = []
+    for t, tile in ((q, plan.q_tile), (k, plan.kv_tile), (v, plan.kv_tile)):
+        shape, strides = _merged_layout(t, plan.geo3, ndim)
+        block = [*tile, 1, t.shape[-1]]
+        descriptors.append((shape, strides, block,
+                            gl.NVMMASharedLayout.get_default_for(block, elem)))
+    batch, heads = q.shape[0], q.shape[-2]
+    num_items = math.prod(plan.n_tiles) * batch * heads
+    programs = min(num_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    scalars = (*_strides(out, ndim), *lse_strides, plan.geo3.shape[0], *plan.geo3.shape,
+               *plan.n_tiles, rng.stride(0), rng.stride(2), heads, heads // k.shape[-2],
+               scale * _LOG2E, num_items)
+    constexprs = dict(STAGES=_GLUON_STAGES, CONSUMER_REGS=_GLUON_REGS[0],
+                      PRODUCER_REGS=_GLUON_REGS[1])
+    return _ForwardPlan(config, (programs, 1, 1), scalars, constexprs, None, rng, None,
+                        gluon=tuple(descriptors))
+
+
+def _launch_gluon_forward(plan, q, k, v, out, lse):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    tensors = (out, lse, plan.rng, *(GluonDescriptor(t, shape, strides, block, layout)
+                                     for t, (shape, strides, block, layout)
+                                     in zip((q, k, v), plan.gluon)))
+    if plan.compiled and not _launch_hooks_set():
+        _run_compiled(plan.compiled[0], plan.grid, tensors, plan.scalars, plan.values, False)
+        return out, lse
+    compiled = launch_cached(plan.kernel, plan.grid, tensors, plan.scalars, plan.constexprs,
+                             _GLUON_NUM_WARPS, 1, maxnreg=_GLUON_MAXNREG)
+    if compiled is not None and not plan.compiled:
+        plan.compiled.append(compiled)
+    return out, lse
 
 
 def host_descriptors(k, v, geo3: Geometry, kv_tile: tuple, head_dim_p2: int, ndim: int):
@@ -380,18 +494,25 @@ def host_descriptors(k, v, geo3: Geometry, kv_tile: tuple, head_dim_p2: int, ndi
     value there would still leak through its zero probability)."""
     if kv_tile[0] != 1 or any(d != 1 for d in geo3.dilation):
         return None
-    batch = k.shape[0]
+    merged = [_merged_layout(t, geo3, ndim) for t in (k, v)]
+    if None in merged:
+        return None
+    return merged[0][0], (merged[0][1], merged[1][1]), (*kv_tile, 1, head_dim_p2)
+
+
+def _merged_layout(t: torch.Tensor, geo3: Geometry, ndim: int):
+    """``(shape, strides)`` of a heads-last tensor seen as 5-D ``[batch * L0, L1, L2, heads,
+    d]`` (the copy engine takes at most 5 dimensions), or None where batch and the first
+    (padded) dimension do not merge: the batch stride must be ``L0`` times the first
+    dimension's (or one of them 1)."""
+    sb, s0, s1, s2, sh = _strides(t, ndim)
     l0 = geo3.shape[0]
-    strides = []
-    for t in (k, v):
-        sb, s0, s1, s2, sh = _strides(t, ndim)
-        if l0 == 1:
-            s0 = sb  # the padded first dimension: rows are batches
-        elif batch > 1 and sb != l0 * s0:
-            return None
-        strides.append((s0, s1, s2, sh, 1))
-    shape = (batch * l0, geo3.shape[1], geo3.shape[2], k.shape[-2], k.shape[-1])
-    return shape, tuple(strides), (*kv_tile, 1, head_dim_p2)
+    if l0 == 1:
+        s0 = sb  # the padded first dimension: rows are batches
+    elif t.shape[0] > 1 and sb != l0 * s0:
+        return None
+    return ((t.shape[0] * l0, geo3.shape[1], geo3.shape[2], t.shape[-2], t.shape[-1]),
+            (s0, s1, s2, sh, 1))
 
 
 def count_tiles(q, k, v, geo: Geometry, config: LaunchConfig):
@@ -500,7 +621,7 @@ _MAX_CACHED_LAUNCHES = 4096
 
 
 def launch_cached(kernel, grid, tensors, scalars, constexprs: dict, num_warps: int,
-                  num_stages: int):
+                  num_stages: int, maxnreg: int | None = None):
     """Launch ``kernel(*tensors, *scalars, **constexprs)`` (its parameters in that order: all
     tensors first), skipping Triton's per-call argument specialization when an earlier launch
     had the same dtypes, pointer alignments and scalar arguments (hence the same
@@ -510,14 +631,15 @@ def launch_cached(kernel, grid, tensors, scalars, constexprs: dict, num_warps: i
     it with :func:`_run_compiled` (None under the interpreter)."""
     # In the kernel's parameter order (the fast path passes them by position).
     values = _constexpr_values(kernel, constexprs)
-    key = (kernel, num_warps, num_stages, values, tensors[0].device, scalars,
+    key = (kernel, num_warps, num_stages, maxnreg, values, tensors[0].device, scalars,
            tuple(_arg_key(t) for t in tensors))
     compiled = _COMPILED.get(key)
     if compiled is not None and not _launch_hooks_set():
         _run_compiled(compiled, grid, tensors, scalars, values, False)  # caller set scratch
         return compiled
+    options = {} if maxnreg is None else {"maxnreg": maxnreg}
     compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps,
-                            num_stages=num_stages)
+                            num_stages=num_stages, **options)
     if tensors[0].is_cuda and hasattr(compiled, "packed_metadata"):
         if len(_COMPILED) >= _MAX_CACHED_LAUNCHES:  # many shapes: start over, stay bounded
             _COMPILED.clear()
