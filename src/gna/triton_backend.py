@@ -362,7 +362,7 @@ def _plan_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32, count) ->
                *plan.geo3.shape, *plan.geo3.dilation, *plan.n_tiles,
                *win.stride()[:3], *rng.stride()[:3],
                heads, heads // k.shape[-2], head_dim, num_extra, scale * _LOG2E)
-    if gluon_block_sparse_ineligible(q, k, v, extra_k, geo, config, tf32, count) is None:
+    if gluon_block_sparse_ineligible(q, k, v, extra_k, geo, config, count) is None:
         return _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale)
     descriptors = (host_descriptors(k, v, plan.geo3, plan.kv_tile, head_dim_p2, ndim)
                    if config.use_tma else None)
@@ -393,7 +393,7 @@ def _gluon_forward_kernel():
 
 
 def gluon_block_sparse_ineligible(q, k, v, extra_k, geo: Geometry, config: LaunchConfig,
-                                  tf32: bool = False, count: bool = False) -> str | None:
+                                  count: bool = False) -> str | None:
     """Why the Gluon block-sparse forward (:mod:`gna.kernels.forward_gluon`) cannot run this
     call, or None if it can: Hopper (it issues ``wgmma``), fp16/bf16, head dims 64 and 128,
     128-token Q and KV tiles, no additional keys, no dilation, every Q tile visiting at least
