@@ -1,6 +1,7 @@
 """Test tiers: the quick tier runs by default (CI, < 4 minutes on 2 CPU cores); tests marked
 ``@pytest.mark.extended`` (larger randomized sweeps) run only with ``--extended``. Tests marked
-``@pytest.mark.gpu`` need a CUDA device and are skipped without one."""
+``@pytest.mark.gpu`` need a CUDA device and are skipped without one; ``@pytest.mark.hopper``
+(the Gluon kernels, which issue ``wgmma``) need an sm_90 GPU."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers",
                             "extended: larger randomized sweeps, selected with --extended")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "hopper: needs an sm_90 GPU (the Gluon kernels)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,8 +34,12 @@ def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     skip_extended = pytest.mark.skip(reason="extended tier: run with --extended")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    is_hopper = has_cuda and torch.cuda.get_device_capability() == (9, 0)
+    skip_hopper = pytest.mark.skip(reason="needs an sm_90 GPU (the Gluon kernels issue wgmma)")
     for item in items:
         if "extended" in item.keywords and not run_extended:
             item.add_marker(skip_extended)
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        elif "hopper" in item.keywords and not is_hopper:
+            item.add_marker(skip_hopper)

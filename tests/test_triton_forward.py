@@ -456,8 +456,6 @@ GLUON_CASES = {
     "3d": ((8, 16, 32), (4, 8, 16), (4, 8, 16)),
     "3d-dense": ((16, 16, 16), (16, 16, 16), (1, 1, 1)),
 }
-HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
-hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward needs an sm_90 GPU")
 
 
 def _gluon_config(q, k, v, window, stride, dilation=1, **options):
@@ -510,7 +508,7 @@ def _gluon_run(q, k, v, window, stride):
 
 
 @gpu
-@hopper
+@pytest.mark.hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(GLUON_CASES))
@@ -529,7 +527,7 @@ def test_gluon_forward_matches_reference_gpu(case, dtype, head_dim):
 
 
 @gpu
-@hopper
+@pytest.mark.hopper
 def test_gluon_forward_equals_triton_kernel_gpu():
     """Same arithmetic in the same order as the Triton kernel: bit-identical outputs and
     LSE (measured on every benchmark problem), here on a fused qkv view (strided heads)."""
@@ -542,14 +540,14 @@ def test_gluon_forward_equals_triton_kernel_gpu():
 
 
 @gpu
-@hopper
+@pytest.mark.hopper
 def test_gluon_forward_cuda_graph_gpu():
     _check_cuda_graph((8, 16, 32), 128, kernel_size=(4, 8, 16), stride=(4, 8, 16),
                       backend="triton")
 
 
 @gpu
-@hopper
+@pytest.mark.hopper
 def test_gluon_forward_64bit_offsets_gpu():
     """A fused qkv view of 3 x 2^31+ elements through the Gluon kernel: the output offsets
     past 2^31 must not wrap."""
@@ -567,7 +565,7 @@ def test_gluon_forward_64bit_offsets_gpu():
 
 
 @gpu
-@hopper
+@pytest.mark.hopper
 def test_gluon_forward_trains_gpu():
     """Under autograd the Gluon forward's LSE feeds the backward kernels: gradients against
     the float64 reference."""
