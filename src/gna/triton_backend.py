@@ -257,16 +257,20 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     if plan.gluon is not None:
         return _launch_gluon_forward(plan, q, k, v, out, lse)
-    if plan.descriptors is not None:
-        shape, (k_strides, v_strides), block = plan.descriptors
-        kd, vd = (TensorDescriptor(k, shape, k_strides, block),
-                  TensorDescriptor(v, shape, v_strides, block))
-    else:  # never read: the kernel makes its own descriptors or uses pointers
-        kd, vd = k, v
     tensors = (q, k, v, k if extra_k is None else extra_k, v if extra_v is None else extra_v,
-               out, lse, plan.win, plan.rng, plan.rng if counts is None else counts, kd, vd)
+               out, lse, plan.win, plan.rng, plan.rng if counts is None else counts)
+    hooks = _launch_hooks_set()
+    if plan.descriptors is not None:
+        if plan.compiled and plan.compiled[1] is not None and not hooks:
+            plan.compiled[1](tensors, (k, v))  # relaunch with cached tensor maps
+            return out, lse
+        shape, (k_strides, v_strides), block = plan.descriptors
+        tensors += (fast_descriptor(TensorDescriptor, k, shape, k_strides, block),
+                    fast_descriptor(TensorDescriptor, v, shape, v_strides, block))
+    else:  # never read: the kernel makes its own descriptors or uses pointers
+        tensors += (k, v)
     c = plan.config
-    if plan.compiled and not _launch_hooks_set():
+    if plan.compiled and not hooks:
         # This signature compiled before: straight to the compiled kernel's launcher.
         _run_compiled(plan.compiled[0], plan.grid, tensors, plan.scalars, plan.values,
                       c.use_tma)
@@ -286,7 +290,11 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
             compiled = launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
                                      plan.constexprs, c.num_warps, c.num_stages)
     if compiled is not None and not plan.compiled:
-        plan.compiled.append(compiled)
+        relaunch = None
+        if plan.descriptors is not None:
+            relaunch = _Relaunch.build(compiled, plan.grid,
+                                       (*tensors, *plan.scalars, *plan.values))
+        plan.compiled.extend((compiled, relaunch))
     return out, lse
 
 
@@ -326,7 +334,8 @@ class _ForwardPlan:
     # ...) per tensor, or None where the Triton kernel runs.
     gluon: tuple | None = None
     # Filled by the first launch: the compiled kernel, valid for every call of this signature
-    # (it fixes the dtypes, pointer alignments and scalars Triton specializes on).
+    # (it fixes the dtypes, pointer alignments and scalars Triton specializes on), and its
+    # _Relaunch where it takes host descriptors (None where not, or where unavailable).
     compiled: list = dataclasses.field(default_factory=list)
 
     @property
@@ -460,16 +469,20 @@ def _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale
 def _launch_gluon_forward(plan, q, k, v, out, lse):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-    tensors = (out, lse, plan.rng, *(GluonDescriptor(t, shape, strides, block, layout)
-                                     for t, (shape, strides, block, layout)
-                                     in zip((q, k, v), plan.gluon)))
-    if plan.compiled and not _launch_hooks_set():
+    hooks = _launch_hooks_set()
+    if plan.compiled and plan.compiled[1] is not None and not hooks:
+        plan.compiled[1]((out, lse, plan.rng), (q, k, v))
+        return out, lse
+    tensors = (out, lse, plan.rng, *(fast_descriptor(GluonDescriptor, t, *spec)
+                                     for t, spec in zip((q, k, v), plan.gluon)))
+    if plan.compiled and not hooks:
         _run_compiled(plan.compiled[0], plan.grid, tensors, plan.scalars, plan.values, False)
         return out, lse
     compiled = launch_cached(plan.kernel, plan.grid, tensors, plan.scalars, plan.constexprs,
                              _GLUON_NUM_WARPS, 1, maxnreg=_GLUON_MAXNREG)
     if compiled is not None and not plan.compiled:
-        plan.compiled.append(compiled)
+        plan.compiled.extend((compiled, _Relaunch.build(
+            compiled, plan.grid, (*tensors, *plan.scalars, *plan.values))))
     return out, lse
 
 
@@ -578,10 +591,26 @@ def _scratch_allocator(needed: bool):
         _allocation._allocator.reset(token)
 
 
+@functools.lru_cache(maxsize=1)
+def _raw_stream_getter():
+    """``device index -> current CUDA stream handle``: PyTorch's raw getter (what Triton
+    uses; ``torch.cuda.current_stream`` builds a Stream object, ~10 us of host time a call on
+    the benchmark machine), or that where the build lacks it."""
+    try:
+        from torch._C import _cuda_getCurrentRawStream
+        return _cuda_getCurrentRawStream
+    except ImportError:  # pragma: no cover - CUDA builds have it
+        return lambda index: torch.cuda.current_stream(index).cuda_stream
+
+
+def _current_stream(t: torch.Tensor) -> int:
+    return _raw_stream_getter()(t.get_device())
+
+
 def _run_compiled(compiled, grid, tensors, scalars, values, tma: bool):
     """Launch an already compiled kernel on the current stream (scratch memory for device-side
     tensor descriptors from PyTorch's allocator, as :func:`_scratch_allocator`)."""
-    stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
+    stream = _current_stream(tensors[0])
     token = _allocation._allocator.set(_scratch) if tma else None
     try:
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
@@ -589,6 +618,99 @@ def _run_compiled(compiled, grid, tensors, scalars, values, tma: bool):
     finally:
         if token is not None:
             _allocation._allocator.reset(token)
+
+
+class _Relaunch:
+    """A compiled kernel that takes host tensor descriptors, relaunched without Triton's
+    per-call handling of them.
+
+    Per launch, Triton's launcher turns every host descriptor into a ``CUtensorMap`` (a driver
+    call and a few Python lists each) after the descriptor object has checked its arguments.
+    On the benchmark machine's CPU that was about half of a 1-D forward call's host time
+    (``benchmarks/host_profile.py``, session 6 of ``benchmarks/NOTES.md``). A tensor map depends
+    only on the tensor's address, shape, strides, box, element type and swizzle, and a launch
+    plan fixes all of them but the address. This keeps the first launch's expanded argument
+    list with the tensors' and maps' places in it, and per descriptor a small cache of maps by
+    address; a call fills in its tensors and maps and calls the compiled launcher directly.
+
+    :meth:`build` returns None where the launcher is not the one this expects (another Triton
+    version, scratch memory, descriptors without metadata): those launches keep the normal
+    path. Launches with a profiler's hooks installed take the normal path too (callers check
+    :func:`_launch_hooks_set`).
+    """
+
+    _MAX_MAPS = 64  # tensor maps cached per descriptor
+
+    def __init__(self, compiled, grid, raw, fill, expanded, tensor_slots, desc_slots):
+        self.compiled, self.grid, self.raw, self.fill = compiled, grid, raw, fill
+        self.args, self.tensor_slots = expanded, tensor_slots
+        self.desc_slots = [(pos, spec, {}) for pos, spec in desc_slots]
+
+    @classmethod
+    def build(cls, compiled, grid, args):
+        """From a compiled kernel and one launch's full argument list (tensors, descriptors,
+        scalars and constexpr values, in parameter order)."""
+        try:
+            from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+
+            run = compiled.run
+            if run.global_scratch_size or run.profile_scratch_size:
+                return None
+            inner = run.launch
+            free = {name: cell.cell_contents
+                    for name, cell in zip(inner.__code__.co_freevars, inner.__closure__ or ())}
+            raw, indices = free["launcher"], free["tensordesc_indices"]
+            metas = free["tensordesc_meta"]
+            fill = triton.runtime.driver.active.utils.fill_tma_descriptor
+        except (AttributeError, KeyError, ImportError):
+            return None
+        expanded, tensor_slots, desc_slots = [], [], []
+        metas = iter(metas)
+        for i, a in enumerate(args):
+            if i in indices:
+                meta = next(metas)
+                if meta is None or meta.get("fp4_padded"):
+                    return None
+                spec = (meta["swizzle"], meta["elem_size"],
+                        TMA_DTYPE_DEVICE_TO_HOST[meta["elem_type"]], list(meta["block_size"]),
+                        list(a.shape), list(a.strides), 1 if a.padding == "nan" else 0)
+                desc_slots.append((len(expanded), spec))
+                expanded += [None, *a.shape, *a.strides]
+            elif isinstance(a, torch.Tensor):
+                tensor_slots.append(len(expanded))
+                expanded.append(None)
+            else:
+                expanded.append(a)
+        return cls(compiled, grid, raw, fill, expanded, tuple(tensor_slots), desc_slots)
+
+    def __call__(self, tensors, bases):
+        """Launch on the current stream with ``tensors`` (the plain tensor arguments, in
+        order) and descriptors over ``bases`` (one tensor per descriptor, in order)."""
+        args = self.args.copy()
+        for pos, t in zip(self.tensor_slots, tensors):
+            args[pos] = t
+        for (pos, spec, maps), base in zip(self.desc_slots, bases):
+            ptr = base.data_ptr()
+            tensor_map = maps.get(ptr)
+            if tensor_map is None:
+                if len(maps) >= self._MAX_MAPS:
+                    maps.clear()
+                tensor_map = maps[ptr] = self.fill(ptr, *spec)
+            args[pos] = tensor_map
+        c, run = self.compiled, self.compiled.run
+        self.raw(*self.grid, _current_stream(tensors[0]), c.function, run.launch_cooperative_grid,
+                 run.launch_pdl, None, None, c.packed_metadata, None, None, None, *args)
+
+
+def fast_descriptor(cls, base, shape, strides, block, layout=None):
+    """A host tensor descriptor of class ``cls`` (Triton's, or Gluon's with its shared memory
+    ``layout``) without its constructor's checks (alignment, strides, block), which the launch
+    plans made once per input signature."""
+    d = cls.__new__(cls)
+    d.__dict__.update(base=base, shape=shape, strides=strides, block_shape=block, padding="zero")
+    if layout is not None:
+        d.layout = layout
+    return d
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,74 @@
+"""Where the host time of a call goes: cProfile of many calls of the 1-D stride-2048 problem
+(the row host time bounds), forward alone (no grad) and an eager forward + backward step.
+
+    python benchmarks/host_profile.py [--calls 300] [--out DIR]
+
+Prints, per path, the host time per call (launches queued asynchronously, as in
+``harness.host_time_us``) and the functions with the most own time; with ``--out`` also
+writes the full profiles as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
+
+import gna  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--out", default=None)
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--stride", type=int, default=2048)
+    args = p.parse_args(argv)
+    q, k, v = (torch.randn(1, 32768, 1, 128, device="cuda", dtype=torch.float16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    w, s = args.window, args.stride
+
+    def forward():
+        with torch.no_grad():
+            gna.na1d(q, k, v, w, s, backend="triton")
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        gna.na1d(q, k, v, w, s, backend="triton").backward(grad)
+
+    rows = []
+    for name, fn in (("forward", forward), ("fwd+bwd", step)):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        host = harness.host_time_us(fn, calls=args.calls)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"== {name}: host {host:.1f} us per call", flush=True)
+        print("\n".join(text.getvalue().splitlines()[:45]), flush=True)
+        if args.out:
+            Path(args.out, f"host_profile_{name.replace('+', '_')}.txt").write_text(
+                text.getvalue())
+        rows.append({"problem": f"1d-w{w}-s{s}", "path": name, "host_us": host,
+                     "calls": args.calls})
+    harness.append("host_overhead", rows)
+
+
+if __name__ == "__main__":
+    main()
