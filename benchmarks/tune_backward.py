@@ -44,7 +44,10 @@ TILES = {
     2: {16: (2, 8), 32: (4, 8), 64: (8, 8), 128: (8, 16)},
     3: {16: (1, 2, 8), 32: (1, 4, 8), 64: (1, 8, 8), 128: (2, 8, 8)},
 }
-# name: (Q tile volume, KV tile volume, kv_major, use_tma, num_warps, num_stages)
+# name: (Q tile volume, KV tile volume, kv_major, use_tma, num_warps, num_stages[,
+# gluon_stages]). "gluon-*": the persistent Gluon kernel of gna.kernels.backward_gluon, on
+# these tiles with a ring of gluon_stages slots, where the problem qualifies (perfectly
+# block-sparse).
 DKDV = {
     "q128-kv64": (128, 64, False, False, 8, 2),
     "q128-kv64-tma": (128, 64, False, True, 8, 2),
@@ -57,20 +60,27 @@ DKDV = {
     "q64-kv128-tma": (64, 128, False, True, 8, 2),
     "kvmajor-q64-kv64-tma-w4": (64, 64, True, True, 4, 3),
     "kvmajor-q128-kv64-tma": (128, 64, True, True, 8, 2),
+    "gluon-kvmajor-q64-kv128-s4": (64, 128, True, True, 8, 3, 4),
+    "gluon-kvmajor-q64-kv128-s3": (64, 128, True, True, 8, 3, 3),
 }
 DQ = {
     "q128-kv64": (128, 64, False, False, 8, 2),
     "q128-kv64-tma": (128, 64, False, True, 8, 2),
     "q128-kv64-tma-s3": (128, 64, False, True, 8, 3),
     "q64-kv64-tma-w4": (64, 64, False, True, 4, 3),
+    "q128-kv64-s3": (128, 64, False, False, 8, 3),
+    "gluon-q128-kv64-s4": (128, 64, False, False, 8, 3, 4),
+    "gluon-q128-kv128-s2": (128, 128, False, False, 8, 3, 2),
 }
-KERNELS = {"dkdv": "gna_backward_dkdv_kernel", "dq": "gna_backward_dq_kernel",
-           "delta": "gna_backward_delta_kernel"}
+KERNELS = {"dkdv": ("gna_backward_dkdv_kernel", "gna_backward_dkdv_block_sparse_kernel"),
+           "dq": ("gna_backward_dq_kernel", "gna_backward_dq_block_sparse_kernel"),
+           "delta": ("gna_backward_delta_kernel",)}
 
 
 def _config(ndim, spec) -> KernelConfig:
-    q_vol, kv_vol, kv_major, tma, warps, stages = spec
-    return KernelConfig(TILES[ndim][q_vol], TILES[ndim][kv_vol], warps, stages, kv_major, tma)
+    q_vol, kv_vol, kv_major, tma, warps, stages, *gluon = spec
+    return KernelConfig(TILES[ndim][q_vol], TILES[ndim][kv_vol], warps, stages, kv_major, tma,
+                        gluon[0] if gluon else 0)
 
 
 def _setup(problem):
@@ -82,11 +92,13 @@ def _setup(problem):
     config = default_config(prob, Options())
     out, lse = launch_forward(q, k, v, None, None, prob.geometry, prob.scale, config)
     defaults = backward_configs(prob.geometry, config, 2, 128, shared_limit(q.device))
+    # The reference for each variant's gradients: the Triton kernels only.
+    triton_only = tuple(dataclasses.replace(c, gluon_stages=0) for c in defaults)
 
     def run(configs):
         return launch_backward(q, k, v, None, None, out, lse, dout, None, prob.geometry,
                                prob.scale, config, False, configs)
-    return prob, defaults, run
+    return prob, defaults, run, triton_only
 
 
 VARIANTS: list[str] | None = None  # --variants: only these names
@@ -116,8 +128,8 @@ def _kernel_times(run, configs, repeats=5) -> dict:
         for event in prof.events():
             if not str(event.device_type).endswith("CUDA"):
                 continue
-            for key, kernel in KERNELS.items():
-                if event.name.startswith(kernel):
+            for key, kernels in KERNELS.items():
+                if any(event.name.startswith(kernel) for kernel in kernels):
                     totals[key] += event.device_time_total / 1e3
         for key in KERNELS:
             per_call[key].append(totals[key])
@@ -127,7 +139,7 @@ def _kernel_times(run, configs, repeats=5) -> dict:
 def warm(problems):
     """Compile every variant of ``problems`` (one run each), filling Triton's cache."""
     for problem in problems:
-        prob, defaults, run = _setup(problem)
+        prob, defaults, run, _ = _setup(problem)
         for kind, name, configs in _variants(prob.geometry.ndim, defaults):
             try:
                 run(configs)
@@ -136,9 +148,10 @@ def warm(problems):
                 print(f"warm {problem[0]} {kind} {name}: {e!r}"[:300], flush=True)
 
 
-def sweep(problems, out_rows):
+def sweep(problems, out_rows, repeats=5):
     for problem in problems:
-        prob, defaults, run = _setup(problem)
+        prob, defaults, run, triton_only = _setup(problem)
+        reference = run(triton_only)
         geo = prob.geometry
         pairs = geo.attended_pairs() * problem[2]
         flops = {"dkdv": 8 * pairs * 128, "dq": 6 * pairs * 128}
@@ -149,7 +162,11 @@ def sweep(problems, out_rows):
                    "config": dataclasses.asdict(configs[0] if kind == "dq" else configs[1]),
                    "launch_host_us": host}
             try:
-                times = _kernel_times(run, configs)
+                grads = run(configs)
+                row["max_diff_vs_triton"] = max(
+                    (a.float() - b.float()).abs().max().item()
+                    for a, b in zip(grads[:3], reference[:3]))
+                times = _kernel_times(run, configs, repeats)
                 row.update({f"{k}_ms": v for k, v in times.items()})
                 row["tflops"] = flops[kind] / times[kind] / 1e9
             except Exception as e:
@@ -167,6 +184,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="*", help="configuration names (default: all)")
     p.add_argument("--warm-only", action="store_true", help="compile only (worker mode)")
     p.add_argument("--no-parallel-warm", action="store_true")
+    p.add_argument("--repeats", type=int, default=5, help="calls per variant (median)")
     args = p.parse_args(argv)
     global VARIANTS
     VARIANTS = args.variants
@@ -186,7 +204,7 @@ def main(argv=None):
     print(harness.environment(), flush=True)
     rows = []
     try:
-        sweep(problems, rows)
+        sweep(problems, rows, args.repeats)
     finally:
         print("results:", harness.append("backward_sweep", rows))
 

@@ -10,6 +10,7 @@ which is what a call with unit sizes, one tile or one head gets on the GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -84,31 +85,43 @@ def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _compile_gluon_forward(dtype: str, q_tile, kv_tile, head_dim: int):
-    """The Gluon block-sparse forward with the launcher's options, integer arguments equal to
-    1 specialized, and its three tensor descriptors typed as the launcher makes them."""
+def _compile_gluon(kind: str, dtype: str, q_tile, kv_tile, head_dim: int):
+    """A Gluon kernel (``kind``: the block-sparse ``forward``, ``dq`` or ``dkdv``) with its
+    launcher's options, integer arguments equal to 1 specialized, and its tensor descriptors
+    typed as the launcher makes them."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from gna import triton_backend as tb
-    from gna.kernels.forward_gluon import gna_forward_block_sparse_kernel as kernel
+    from gna import triton_backward as tbw
+    from gna.kernels import backward_gluon, forward_gluon
 
     elem = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
-    blocks = {"q_desc": [*q_tile, 1, head_dim], "k_desc": [*kv_tile, 1, head_dim],
-              "v_desc": [*kv_tile, 1, head_dim]}
+    q_block, kv_block = [*q_tile, 1, head_dim], [*kv_tile, 1, head_dim]
+    blocks = {"q_desc": q_block, "do_desc": q_block, "k_desc": kv_block, "v_desc": kv_block}
 
     def descriptor(name):
+        if name == "st_desc":  # the dK/dV kernel's row statistics, fp32 rows of one Q tile
+            layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+            return f"tensordesc<fp32[{math.prod(q_tile)}],{layout!r}>"
         if name not in blocks:
             return None
         layout = gl.NVMMASharedLayout.get_default_for(blocks[name], elem)
         return f"tensordesc<{dtype}[{','.join(map(str, blocks[name]))}],{layout!r}>"
 
-    constexprs = dict(STAGES=tb._GLUON_STAGES, CONSUMER_REGS=tb._GLUON_REGS[0],
-                      PRODUCER_REGS=tb._GLUON_REGS[1])
+    if kind == "forward":
+        kernel, stages = forward_gluon.gna_forward_block_sparse_kernel, tb._GLUON_STAGES
+        regs, maxnreg = tb._GLUON_REGS, tb._GLUON_MAXNREG
+    else:
+        kernel = {"dq": backward_gluon.gna_backward_dq_block_sparse_kernel,
+                  "dkdv": backward_gluon.gna_backward_dkdv_block_sparse_kernel}[kind]
+        stages = tbw._gluon_stages(kind, math.prod(kv_tile))
+        regs, maxnreg = tbw._GLUON_REGS[kind], tbw._GLUON_MAXNREG
+    constexprs = dict(STAGES=stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
     signature, constants, attrs = _signature(kernel, constexprs, dtype, descriptor)
     src = GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=HOPPER, options={"num_warps": tb._GLUON_NUM_WARPS,
-                                                       "maxnreg": tb._GLUON_MAXNREG})
+                                                       "maxnreg": maxnreg})
 
 
 CASES = {
@@ -135,10 +148,15 @@ CASES = {
 }
 
 
-# The Gluon block-sparse forward, typed as its launcher calls it.
+# The Gluon block-sparse kernels, typed as their launchers call them.
 GLUON_CASES = {
-    "forward-gluon-block-sparse-1d-fp16-d128": ("fp16", (1, 1, 128), (1, 1, 128), 128),
-    "forward-gluon-block-sparse-3d-bf16-d64": ("bf16", (2, 8, 8), (2, 8, 8), 64),
+    "forward-gluon-block-sparse-1d-fp16-d128": ("forward", "fp16", (1, 1, 128), (1, 1, 128), 128),
+    "forward-gluon-block-sparse-3d-bf16-d64": ("forward", "bf16", (2, 8, 8), (2, 8, 8), 64),
+    "dq-gluon-block-sparse-1d-fp16-d128": ("dq", "fp16", (1, 1, 128), (1, 1, 128), 128),
+    "dq-gluon-block-sparse-2d-fp16-d128-kv64": ("dq", "fp16", (1, 8, 16), (1, 8, 8), 128),
+    "dq-gluon-block-sparse-3d-bf16-d64": ("dq", "bf16", (2, 8, 8), (2, 8, 8), 64),
+    "dkdv-gluon-block-sparse-2d-fp16-d128": ("dkdv", "fp16", (1, 8, 8), (1, 8, 16), 128),
+    "dkdv-gluon-block-sparse-3d-bf16-d64": ("dkdv", "bf16", (1, 8, 8), (2, 8, 8), 64),
 }
 
 
@@ -154,7 +172,7 @@ def test_kernel_compiles_for_hopper_with_unit_sizes(case):
 
 if __name__ == "__main__":
     if sys.argv[1] in GLUON_CASES:
-        compiled = _compile_gluon_forward(*GLUON_CASES[sys.argv[1]])
+        compiled = _compile_gluon(*GLUON_CASES[sys.argv[1]])
         # Within an H100's shared memory per block, as the launcher plans.
         assert compiled.metadata.shared <= 232448, compiled.metadata.shared
     else:

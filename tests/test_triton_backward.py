@@ -416,3 +416,232 @@ def test_eager_autograd_through_backend(use):
     for name, g, ref in zip(GRADS, grads, refs):
         err = ((g.double().cpu() - ref.cpu()).norm() / ref.norm().clamp_min(1e-12)).item()
         assert err <= REL_BOUND["fp32"], (name, err)
+
+
+# --- The Gluon block-sparse backward kernels (Hopper) ----------------------------------------
+# Perfectly block-sparse problems (stride = window, multiples of the 128-token tiles): every
+# (Q tile, KV tile) pair of the forward's tiles and of dK/dV's 64-token Q tiles is mask-free.
+GLUON_CASES = {
+    "1d": ((4096,), (512,), (512,)),
+    "2d": ((64, 64), (48, 48), (16, 16)),
+    "3d": ((8, 16, 32), (4, 8, 16), (4, 8, 16)),
+    "3d-dense": ((16, 16, 16), (16, 16, 16), (1, 1, 1)),
+}
+
+
+def _gluon_configs(q, window, stride, gluon=True):
+    """The forward's configuration with the Gluon kernels requested, and the backward's
+    ``(dq, dkdv)``: the default dQ tiles, KV-major dK/dV on 64-token Q and 128-token KV tiles
+    (the default at d=128, set here for d=64 too); the Gluon kernels or, with ``gluon`` False,
+    the Triton kernels on the same tiles."""
+    problem = normalize(None, q, q, q, window, stride)
+    config = dataclasses.replace(default_config(problem, Options()), gluon_block_sparse=True)
+    dq, _ = backward_configs(problem.geometry, config, q.element_size(), q.shape[-1],
+                             shared_limit(q.device))
+    q_tile = triton_backward._KV_MAJOR_Q_TILE.get(config.q_tile) or _halve(config.q_tile, 2)
+    dkdv = KernelConfig(q_tile, config.kv_tile, 8, 3, kv_major=True, use_tma=True)
+    if gluon:
+        dq = dataclasses.replace(
+            dq, gluon_stages=triton_backward._gluon_stages("dq", math.prod(dq.kv_tile)))
+        dkdv = dataclasses.replace(dkdv, gluon_stages=triton_backward._gluon_stages("dkdv", 128))
+    else:
+        dq = dataclasses.replace(dq, gluon_stages=0)
+    return problem, config, (dq, dkdv)
+
+
+def test_gluon_backward_eligibility_rules():
+    """Which calls the Gluon backward kernels take, decided before any GPU is needed: the
+    perfectly block-sparse settings with 128-token tiles (dQ) or 64/128-token tiles (dK/dV)
+    qualify, then need a Hopper GPU; partial tiles, dilation, other tiles, dtypes and head
+    dims do not, nor additional keys for dQ or Q tiles overhanging a batch for dK/dV; and
+    backward_configs marks exactly the qualifying geometries."""
+    ineligible = triton_backward.gluon_backward_ineligible
+
+    def reasons(shape, window, stride, dilation=1, dtype=torch.float16, head_dim=128,
+                extra=False, batch=1, q_tile=None, kv_tile=None):
+        q = torch.zeros(batch, *shape, 2, head_dim, dtype=dtype)
+        problem = normalize(None, q, q, q, window, stride, dilation)
+        config = default_config(problem, Options(q_tile_shape=q_tile, kv_tile_shape=kv_tile))
+        dkdv_q = triton_backward._KV_MAJOR_Q_TILE.get(config.q_tile) or _halve(config.q_tile, 2)
+        ek = q[:, 0] if extra else None
+        return (ineligible("dq", q, q, q, q, ek, problem.geometry, config.q_tile,
+                           _halve(config.kv_tile, 2)),
+                ineligible("dkdv", q, q, q, q, ek, problem.geometry, dkdv_q, config.kv_tile))
+
+    gpu_needed = ("needs a Hopper GPU (sm_90)",) * 2
+    for shape, window, stride in GLUON_CASES.values():
+        assert reasons(shape, window, stride) == gpu_needed, (shape, window, stride)
+        assert reasons(shape, window, stride, head_dim=64, dtype=torch.bfloat16) == gpu_needed
+    partial = "some Q tiles visit partially masked KV tiles"
+    assert reasons((4096,), (512,), (1,)) == (partial, partial)
+    assert reasons((4096,), (512,), (512,), dilation=(2,))[0] == "dilation"
+    assert reasons((4096,), (512,), (512,), extra=True) == ("additional keys/values",
+                                                          gpu_needed[1])
+    assert all(r.startswith("needs fp16") for r in reasons(
+        (4096,), (512,), (512,), dtype=torch.float32, q_tile=(128,), kv_tile=(128,)))
+    assert all(r.startswith("needs head_dim") for r in reasons((4096,), (512,), (512,),
+                                                               head_dim=32))
+    assert all(r.startswith("needs 128-token" if i == 0 else "needs 64-token")
+               for i, r in enumerate(reasons((4096,), (512,), (512,), q_tile=(64,))))
+    assert ineligible("dq", *[torch.zeros(1, 4096, 2, 128, dtype=torch.float16)] * 4, None,
+                      normalize(None, *[torch.zeros(1, 4096, 2, 128)] * 3, 512, 512).geometry,
+                      (128,), (32,)).startswith("needs 128-token Q and 64- or 128-token KV")
+    # Two batches: dK/dV's default Q tile is one frame deep and never overhangs; a deeper
+    # one that does not divide the frames would read the next batch's queries.
+    _, dkdv = reasons((8, 16, 32), (4, 8, 16), (4, 8, 16), batch=2)
+    assert dkdv == gpu_needed[1]
+    q = torch.zeros(2, 6, 16, 32, 2, 128, dtype=torch.float16)
+    problem = normalize(None, q, q, q, (6, 8, 16), (1, 8, 16))
+    why = ineligible("dkdv", q, q, q, q, None, problem.geometry, (4, 4, 4), (2, 8, 8))
+    assert why.startswith("Q tiles (4, 4, 4) overhang"), why
+
+    def marked(shape, window, stride):
+        q = torch.empty(1, *shape, 1, 128, device="meta", dtype=torch.float16)
+        problem = normalize(None, q, q, q, window, stride)
+        config = dataclasses.replace(default_config(problem, Options()), use_tma=True,
+                                     gluon_block_sparse=True)
+        dq, dkdv = backward_configs(problem.geometry, config, 2, 128, 232448)
+        if dq.gluon:  # the measured ring depths at d=128
+            assert dq.gluon_stages == (4 if math.prod(dq.kv_tile) == 64 else 2), dq
+        if dkdv.gluon:
+            assert dkdv.gluon_stages == 4, dkdv
+        return dq.gluon, dkdv.gluon
+
+    assert marked((256, 256), (80, 80), (16, 16)) == (True, True)
+    assert marked((30, 48, 80), (18, 24, 24), (16, 8, 8)) == (True, True)
+    assert marked((32768,), (2048,), (2048,)) == (True, True)
+    assert marked((256, 256), (80, 80), (1, 1)) == (False, False)
+    assert marked((30, 48, 80), (18, 24, 24), (1, 1, 1)) == (False, False)
+
+
+def _gluon_grads(q, k, v, dout, window, stride, gluon=True, head_dim=None):
+    """Forward, then the fused backward with the Gluon kernels (checked to be the ones
+    launched) or the Triton kernels, on the same inputs."""
+    problem, config, configs = _gluon_configs(q, window, stride, gluon)
+    if gluon:
+        for kind, c in zip(("dq", "dkdv"), configs):
+            why = triton_backward.gluon_backward_ineligible(
+                kind, q, k, v, dout, None, problem.geometry, c.q_tile, c.kv_tile, c.gluon_stages)
+            assert why is None, (kind, why)
+    out, lse = launch_forward(q, k, v, None, None, problem.geometry, problem.scale, config)
+    triton_backward._BACKWARD_PLANS.clear()
+    grads = launch_backward(q, k, v, None, None, out, lse, dout, None, problem.geometry,
+                            problem.scale, config, False, configs)
+    (plan,) = triton_backward._BACKWARD_PLANS.values()
+    names = [launch.kernel.__name__ if hasattr(launch.kernel, "__name__")
+             else launch.kernel.fn.__name__ for launch in plan.launches]
+    assert any("block_sparse" in n for n in names) == gluon, names
+    return grads[:3]
+
+
+@gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(GLUON_CASES))
+def test_gluon_backward_matches_reference_gpu(case, dtype, head_dim):
+    """Two batches, GQA (4 query heads on 2 KV heads): dQ, dK, dV against float64."""
+    shape, window, stride = GLUON_CASES[case]
+    g = torch.Generator().manual_seed(17)
+    q = torch.randn(2, *shape, 4, head_dim, generator=g)
+    k, v = (torch.randn(2, *shape, 2, head_dim, generator=g) for _ in range(2))
+    dout = torch.randn(2, *shape, 4, head_dim, generator=g)
+    grads = _gluon_grads(*(t.to("cuda", dtype) for t in (q, k, v, dout)), window, stride)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out = gna.neighborhood_attention(*leaves, window, stride, backend="reference")
+    refs = torch.autograd.grad((out * dout.double()).sum(), leaves)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
+        assert rel <= REL_BOUND[dtype], f"{case} {dtype} d={head_dim} {name}: rel err {rel:.2e}"
+
+
+@gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("case", ["1d", "2d", "3d"])
+def test_gluon_backward_equals_triton_kernels_gpu(case):
+    """Same arithmetic in the same order as the Triton kernels on the same tiles: bit-identical
+    dQ, dK, dV, here on views of a fused qkv tensor (strided heads) with GQA."""
+    shape, window, stride = GLUON_CASES[case]
+    g = torch.Generator(device="cuda").manual_seed(18)
+    qkv = torch.randn(1, *shape, 4 + 2 + 2, 128, device="cuda", dtype=torch.float16, generator=g)
+    q, k, v = qkv.split([4, 2, 2], dim=-2)
+    dout = torch.randn(1, *shape, 4, 128, device="cuda", dtype=torch.float16, generator=g)
+    gluon = _gluon_grads(q, k, v, dout, window, stride)
+    tri = _gluon_grads(q, k, v, dout, window, stride, gluon=False)
+    for name, a, b in zip(("dq", "dk", "dv"), gluon, tri):
+        assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
+
+
+@gpu
+@pytest.mark.hopper
+def test_gluon_backward_64bit_offsets_gpu():
+    """Gradients of a fused qkv view of 3 x 2^31+ elements through the Gluon kernels: the
+    dQ/dK/dV offsets past 2^31 must not wrap."""
+    heads, head_dim = 16, 128
+    n = (1 << 31) // (heads * head_dim) + 4096  # a multiple of 128
+    qkv = torch.empty(1, n, 3, heads, head_dim, device="cuda", dtype=torch.float16)
+    qkv.normal_()
+    q, k, v = qkv.unbind(dim=2)
+    dout = torch.randn(1, n, heads, head_dim, device="cuda", dtype=torch.float16)
+    grads = _gluon_grads(q, k, v, dout, (128,), (128,))
+    tail = slice(n - 256, n)
+    leaves = [t[:, tail].double().cpu().requires_grad_() for t in (q, k, v)]
+    out = gna.na1d(*leaves, kernel_size=128, stride=128, backend="reference")
+    refs = torch.autograd.grad((out * dout[:, tail].double().cpu()).sum(), leaves)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        rel = ((got[:, tail].double().cpu() - ref).norm() / ref.norm()).item()
+        assert rel <= REL_BOUND[torch.float16], f"{name}: rel err {rel:.2e}"
+
+
+@gpu
+@pytest.mark.hopper
+def test_gluon_backward_cuda_graph_gpu():
+    """The Gluon backward kernels replay under CUDA graph capture (descriptors made on the
+    host per call, tables made before capture)."""
+    shape, window, stride = GLUON_CASES["3d"]
+    leaves = [torch.randn(1, *shape, 2, 128, device="cuda", dtype=torch.float16)
+              .requires_grad_() for _ in range(3)]
+    grad = torch.randn(1, *shape, 2, 128, device="cuda", dtype=torch.float16)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        gna.na3d(*leaves, kernel_size=window, stride=stride, backend="triton").backward(grad)
+
+    step()
+    eager = [t.grad.clone() for t in leaves]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t in leaves:
+        t.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip("qkv", eager, (t.grad for t in leaves)):
+        assert torch.equal(a, b), f"d{name} differs under graph replay"
+
+
+@gpu
+@pytest.mark.hopper
+def test_gluon_backward_relaunch_takes_each_calls_tensors_gpu():
+    """The backward plan relaunches its Gluon kernels with tensor maps cached by address:
+    repeated calls on other inputs give each call's own gradients (a fresh plan's)."""
+    shape, window, stride = GLUON_CASES["2d"]
+    sets = [[torch.randn(1, *shape, 2, 128, device="cuda", dtype=torch.float16)
+             for _ in range(4)] for _ in range(3)]
+    first = [_gluon_grads(*s, window, stride) for s in sets]  # fresh plan per call
+    problem, config, configs = _gluon_configs(sets[0][0], window, stride)
+    for (q, k, v, dout), expected in zip(sets + sets[::-1], first + first[::-1]):
+        out, lse = launch_forward(q, k, v, None, None, problem.geometry, problem.scale, config)
+        grads = launch_backward(q, k, v, None, None, out, lse, dout, None, problem.geometry,
+                                problem.scale, config, False, configs)
+        for name, a, b in zip(("dq", "dk", "dv"), grads, expected):
+            assert torch.equal(a, b), name
+    (plan,) = triton_backward._BACKWARD_PLANS.values()
+    assert all(launch.compiled[1] is not None for launch in plan.launches
+               if launch.descriptors), "the relaunch path was not taken"

@@ -1,0 +1,506 @@
+"""Persistent, warp-specialized GNA backward kernels for perfectly block-sparse problems
+(Gluon, Hopper): dK/dV and dQ, in the style of the block-sparse forward
+(:mod:`gna.kernels.forward_gluon`).
+
+Where every (Q tile, KV tile) pair the iteration visits is mask-free, the backward's loops are
+FlashAttention-2's with no masking at all, and what limits the Triton kernels
+(:mod:`gna.kernels.backward`) is scheduling: each step's GEMMs and elementwise work run one
+after the other, and each program pays its prologue and epilogue with the SM otherwise idle.
+Both kernels here have
+
+- a **producer warp** streaming the tiles each step needs through TMA copies into a ring of
+  ``STAGES`` shared-memory slots, signalling mbarriers;
+- two **consumer warpgroups** sharing those slots, each owning 64 rows of the program's
+  resident tile; they synchronize only through the mbarriers, so one's elementwise work runs
+  while the other's GEMMs use the tensor cores;
+- **persistence**: one program per SM walks the work items in the Triton kernel's grid order,
+  and the producer starts the next item's copies while the consumers finish the current one.
+
+The arithmetic is the Triton kernels', step for step in the same order (scores, ``exp2`` of
+the scaled scores minus the log2-LSE, ``P`` and ``dS`` rounded to the input dtype before their
+GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bit.
+
+* :func:`gna_backward_dkdv_block_sparse_kernel`: KV-major, as the Triton kernel's default on
+  Hopper. A work item is one 128-key KV tile (batch, KV head); each consumer owns 64 keys and
+  computes ``S^T = K Q^T`` and ``dP^T = V dO^T`` as ``[keys, queries]``, so ``P^T`` and
+  ``dS^T`` feed the dV and dK GEMMs from registers. Per step (a 64-query Q tile and a query
+  head of the KV head) the producer copies Q, dO and the tile's two row statistics (``lse *
+  log2(e)`` and ``delta``, tile-major, see :func:`gna.kernels.backward.gna_backward_delta_kernel`)
+  into shared memory: in this layout a per-query statistic is a column vector of the scores,
+  16 registers a thread, and reading it from shared memory right before its use keeps the
+  loop free of spills (measured, session 5 of ``benchmarks/NOTES.md``).
+* :func:`gna_backward_dq_block_sparse_kernel`: query-major, the forward's loop with dO resident
+  beside Q and a third GEMM: per KV tile ``S = Q K^T``, ``dP = dO V^T``, ``dS = P (dP -
+  delta)``, ``dQ += dS K``; the ``dS K`` GEMM stays in flight while the next tile's two score
+  GEMMs are issued.
+
+Which problems qualify: :func:`gna.triton_backward.gluon_backward_ineligible`.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+
+from .forward_gluon import _copy_kv, _next_full_tile, _work_item
+
+_LOG2E = gl.constexpr(1.4426950408889634)
+
+
+# --- dK / dV ------------------------------------------------------------------------------
+
+@gluon.jit
+def _dkdv_item(item, geo):
+    """Batch, KV head, first descriptor row of the batch, KV tile coordinates, the mask-free
+    box ``[ff, fl)`` of Q tiles that see the tile, and the item's number of steps (Q tiles x
+    query heads of the KV head). KV tiles fastest, then KV heads, then batches, as the Triton
+    kernel's grid."""
+    Inv, inv_s0, inv_s2, L0, NK1, NK2, per_head, heads_kv, groups_per_kv, G0, G1, G2 = geo
+    pid_t = item % per_head
+    pid_bh = item // per_head
+    b = pid_bh // heads_kv
+    h_kv = pid_bh % heads_kv
+    j0 = pid_t // (NK1 * NK2)
+    j1 = (pid_t // NK2) % NK1
+    j2 = pid_t % NK2
+    ff0 = gl.load(Inv + j0 * inv_s2 + 2)
+    fl0 = gl.load(Inv + j0 * inv_s2 + 3)
+    ff1 = gl.load(Inv + inv_s0 + j1 * inv_s2 + 2)
+    fl1 = gl.load(Inv + inv_s0 + j1 * inv_s2 + 3)
+    ff2 = gl.load(Inv + 2 * inv_s0 + j2 * inv_s2 + 2)
+    fl2 = gl.load(Inv + 2 * inv_s0 + j2 * inv_s2 + 3)
+    n = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2) * groups_per_kv
+    return b, h_kv, b * L0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n
+
+
+@gluon.jit
+def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats, scales):
+    """Consumer warpgroup ``HALF``: keys ``[64 * HALF, 64 * HALF + 64)`` of every KV tile."""
+    q_desc, do_desc, k_desc, v_desc, st_desc = descs
+    q_smem, do_smem, k_smem, v_smem, st_smem = bufs
+    kv_full, kv_empty, q_full, do_full, q_empty = bars
+    dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h = outs
+    first_item, num_items, num_programs = sched
+    qk_scale, scale = scales
+    G0 = geo[9]
+    G1 = geo[10]
+    G2 = geo[11]
+    T0: gl.constexpr = q_desc.block_type.shape[0]
+    T1: gl.constexpr = q_desc.block_type.shape[1]
+    T2: gl.constexpr = q_desc.block_type.shape[2]
+    K0: gl.constexpr = k_desc.block_type.shape[0]
+    K1: gl.constexpr = k_desc.block_type.shape[1]
+    K2: gl.constexpr = k_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[4]
+    BLOCK_M: gl.constexpr = T0 * T1 * T2
+    BLOCK_N: gl.constexpr = K0 * K1 * K2
+    HALF_N: gl.constexpr = BLOCK_N // 2
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    # wgmma accumulators of one warpgroup: scores [keys, queries]; dK, dV [keys, head_dim].
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    s_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
+    k_h = k_smem.reshape([BLOCK_N, HEAD_DIM]).slice(HALF * HALF_N, HALF_N, dim=0)
+    v_h = v_smem.reshape([BLOCK_N, HEAD_DIM]).slice(HALF * HALF_N, HALF_N, dim=0)
+
+    it = 0  # steps consumed so far, over all work items: the ring's slot and phase
+    done = 0  # work items with K/V consumed: the K/V buffer's phase
+    for item in range(first_item, num_items, num_programs):
+        b, h_kv, row0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n = _dkdv_item(item, geo)
+        dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
+        if n > 0:
+            mbarrier.wait(kv_full, done & 1)
+            for j in range(n):
+                slot = it % STAGES
+                phase = (it // STAGES) & 1
+                q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                mbarrier.wait(q_full.index(slot), phase)
+                s = warpgroup_mma(k_h, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(do_full.index(slot), phase)
+                dp = warpgroup_mma(v_h, do.permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s])
+                lse2 = st_smem.index(2 * slot).load(col_layout)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
+                p16 = gl.convert_layout(p.to(dtype), op_layout)
+                dv = warpgroup_mma(p16, do, dv, is_async=True)
+                delta = st_smem.index(2 * slot + 1).load(col_layout)
+                dp = warpgroup_mma_wait(1, deps=[dp])
+                ds = p * (dp - gl.expand_dims(delta, 0))
+                ds16 = gl.convert_layout(ds.to(dtype), op_layout)
+                dk = warpgroup_mma(ds16, q, dk, is_async=True)
+                dk, dv, p16, ds16 = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16])
+                mbarrier.arrive(q_empty.index(slot), count=1)
+                it += 1
+            mbarrier.arrive(kv_empty, count=1)  # the producer may load the next K/V
+            done += 1
+
+        # Epilogue: this warpgroup's 64 keys (unvisited tiles store zeros).
+        row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        rows = HALF * HALF_N + gl.arange(0, HALF_N, layout=row_layout)
+        x0 = (j0 * K0 + rows // (K1 * K2)).to(gl.int64)
+        x1 = (j1 * K1 + (rows // K2) % K1).to(gl.int64)
+        x2 = (j2 * K2 + rows % K2).to(gl.int64)
+        row_ok = gl.expand_dims((x0 < G0) & (x1 < G1) & (x2 < G2), 1)
+        offs_d = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
+        bb = b.to(gl.int64)
+        hk = h_kv.to(gl.int64)
+        dk_ptrs = (dK + bb * sdk_b + hk * sdk_h
+                   + gl.expand_dims(x0 * sdk_0 + x1 * sdk_1 + x2 * sdk_2, 1) + offs_d)
+        gl.store(dk_ptrs, (dk * scale).to(dtype), mask=row_ok)
+        dv_ptrs = (dV + bb * sdv_b + hk * sdv_h
+                   + gl.expand_dims(x0 * sdv_0 + x1 * sdv_1 + x2 * sdv_2, 1) + offs_d)
+        gl.store(dv_ptrs, dv.to(dtype), mask=row_ok)
+
+
+@gluon.jit
+def _dkdv_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales):
+    _dkdv_consume(0, descs, bufs, bars, geo, outs, sched, stats, scales)
+
+
+@gluon.jit
+def _dkdv_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales):
+    _dkdv_consume(1, descs, bufs, bars, geo, outs, sched, stats, scales)
+
+
+@gluon.jit
+def _copy_q_step(descs, bufs, bars, it, row0, t0, t1, t2, h, stat_row, stat_stride):
+    """Copy one dK/dV step's Q and dO tiles and row statistics into ring slot
+    ``it % STAGES`` once both consumers have released it."""
+    q_desc, do_desc, k_desc, v_desc, st_desc = descs
+    q_smem, do_smem, k_smem, v_smem, st_smem = bufs
+    kv_full, kv_empty, q_full, do_full, q_empty = bars
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    T0: gl.constexpr = q_desc.block_type.shape[0]
+    T1: gl.constexpr = q_desc.block_type.shape[1]
+    T2: gl.constexpr = q_desc.block_type.shape[2]
+    BLOCK_M: gl.constexpr = T0 * T1 * T2
+    slot = it % STAGES
+    mbarrier.wait(q_empty.index(slot), ((it // STAGES) & 1) ^ 1)
+    coords = [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0]
+    mbarrier.expect(q_full.index(slot), q_desc.block_type.nbytes + st_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, coords, q_full.index(slot), q_smem.index(slot))
+    tma.async_copy_global_to_shared(st_desc, [stat_row * BLOCK_M], q_full.index(slot),
+                                    st_smem.index(2 * slot))
+    mbarrier.expect(do_full.index(slot), do_desc.block_type.nbytes + st_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(do_desc, coords, do_full.index(slot), do_smem.index(slot))
+    tma.async_copy_global_to_shared(st_desc, [stat_stride + stat_row * BLOCK_M],
+                                    do_full.index(slot), st_smem.index(2 * slot + 1))
+
+
+@gluon.jit
+def _produce_steps(descs, bufs, bars, stats, it, steps, b, h_first, hh, row0, t0, t1, t2,
+                   ff1, fl1, ff2, fl2, groups_per_kv):
+    """Copy ``steps`` consecutive dK/dV steps, starting at query head ``h_first + hh`` of Q
+    tile ``(t0, t1, t2)``: query heads fastest, then the mask-free box of Q tiles in row-major
+    order (the Triton kernel's order). Returns where the next step starts."""
+    heads, NT1, NT2, n_q_tiles, stat_stride = stats
+    for j in range(steps):
+        stat_row = (b * heads + h_first + hh) * n_q_tiles + (t0 * NT1 + t1) * NT2 + t2
+        _copy_q_step(descs, bufs, bars, it, row0, t0, t1, t2, h_first + hh, stat_row,
+                     stat_stride)
+        it += 1
+        hh += 1
+        wrap = (hh >= groups_per_kv).to(gl.int32)
+        hh = hh * (1 - wrap)
+        u0, u1, u2 = _next_full_tile(t0, t1, t2, ff1, fl1, ff2, fl2)
+        t0 = t0 * (1 - wrap) + u0 * wrap
+        t1 = t1 * (1 - wrap) + u1 * wrap
+        t2 = t2 * (1 - wrap) + u2 * wrap
+    return it, hh, t0, t1, t2
+
+
+@gluon.jit
+def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales):
+    """Producer warp: each work item's K/V once, and Q, dO and the row statistics of every
+    step, in the consumers' order."""
+    k_desc = descs[2]
+    v_desc = descs[3]
+    k_smem = bufs[2]
+    v_smem = bufs[3]
+    kv_full = bars[0]
+    kv_empty = bars[1]
+    first_item, num_items, num_programs = sched
+    groups_per_kv = geo[8]
+    STAGES: gl.constexpr = bufs[0].type.shape[0]
+    K0: gl.constexpr = k_desc.block_type.shape[0]
+    K1: gl.constexpr = k_desc.block_type.shape[1]
+    K2: gl.constexpr = k_desc.block_type.shape[2]
+    it = 0
+    done = 0
+    for item in range(first_item, num_items, num_programs):
+        b, h_kv, row0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n = _dkdv_item(item, geo)
+        if n > 0:
+            h_first = h_kv * groups_per_kv
+            # The first steps' Q/dO go before K/V: their slots free up while the consumers
+            # are still on the previous item, whose K/V they hold until its last step.
+            n_first = gl.minimum(n, STAGES)
+            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, n_first, b,
+                                                h_first, gl.to_tensor(0), row0, ff0, ff1, ff2,
+                                                ff1, fl1, ff2, fl2, groups_per_kv)
+            mbarrier.wait(kv_empty, (done & 1) ^ 1)
+            coords = [row0 + j0 * K0, j1 * K1, j2 * K2, h_kv, 0]
+            mbarrier.expect(kv_full, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, coords, kv_full, k_smem)
+            tma.async_copy_global_to_shared(v_desc, coords, kv_full, v_smem)
+            done += 1
+            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, n - n_first, b,
+                                                h_first, hh, row0, t0, t1, t2, ff1, fl1, ff2,
+                                                fl2, groups_per_kv)
+
+
+@gluon.jit
+def gna_backward_dkdv_block_sparse_kernel(
+    dK, dV, Inv, q_desc, do_desc, k_desc, v_desc, st_desc,
+    sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
+    L0, G0, G1, G2, NK1, NK2, kv_tiles, inv_s0, inv_s2,
+    heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale, num_items,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """dK, dV of perfectly block-sparse GNA. Launch with ``num_warps=4`` (the first consumer
+    warpgroup; the kernel adds the second and the producer warp), one program per SM at most.
+    ``Inv`` is the launcher's per-KV-tile table of Q tile ranges (the Triton dK/dV kernel's);
+    every Q tile a KV tile is seen by must see all of it. ``st_desc`` views the delta kernel's
+    tile-major statistics as one row of ``2 * stat_stride`` floats in boxes of one Q tile.
+    ``kv_tiles`` = KV tiles of the layout (``NK0 * NK1 * NK2``), ``num_items`` = that x batch x
+    KV heads; ``G*`` are the padded 3-D layout's extents."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
+                                        do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape,
+                                        st_desc.layout)
+    kv_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_full, count=1)
+    mbarrier.init(kv_empty, count=2)  # both consumers release K/V
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_full.index(i), count=1)
+        mbarrier.init(do_full.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a slot
+
+    descs = (q_desc, do_desc, k_desc, v_desc, st_desc)
+    bufs = (q_smem, do_smem, k_smem, v_smem, st_smem)
+    bars = (kv_full, kv_empty, q_full, do_full, q_empty)
+    geo = (Inv, inv_s0, inv_s2, L0, NK1, NK2, kv_tiles, heads_kv, groups_per_kv, G0, G1, G2)
+    outs = (dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h)
+    sched = (gl.program_id(0), num_items, gl.num_programs(0))
+    stats = (heads_kv * groups_per_kv, NT1, NT2, n_q_tiles, stat_stride)
+    args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale))
+    gl.warp_specialize([
+        (_dkdv_consume_keys_0_63, args),
+        (_dkdv_consume_keys_64_127, args),
+        (_dkdv_produce, args),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# --- dQ -----------------------------------------------------------------------------------
+
+@gluon.jit
+def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales):
+    """Consumer warpgroup ``HALF``: rows ``[64 * HALF, 64 * HALF + 64)`` of every Q tile."""
+    q_desc, do_desc, k_desc, v_desc = descs
+    q_smem, do_smem, k_smem, v_smem = bufs
+    q_full, q_empty, k_full, v_full, kv_empty = bars
+    (dQ, Lse, Delta, sdq_b, sdq_0, sdq_1, sdq_2, sdq_h,
+     sl_b, sl_0, sl_1, sl_2, sl_h) = outs
+    first_item, num_items, num_programs = sched
+    qk_scale, scale = scales
+    G0 = geo[9]
+    G1 = geo[10]
+    G2 = geo[11]
+    T0: gl.constexpr = q_desc.block_type.shape[0]
+    T1: gl.constexpr = q_desc.block_type.shape[1]
+    T2: gl.constexpr = q_desc.block_type.shape[2]
+    K0: gl.constexpr = k_desc.block_type.shape[0]
+    K1: gl.constexpr = k_desc.block_type.shape[1]
+    K2: gl.constexpr = k_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[4]
+    BLOCK_M: gl.constexpr = T0 * T1 * T2
+    BLOCK_N: gl.constexpr = K0 * K1 * K2
+    HALF_M: gl.constexpr = BLOCK_M // 2
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    # wgmma accumulators of one warpgroup (64 rows); dS goes to the dQ GEMM from registers.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(HALF * HALF_M, HALF_M, dim=0)
+    do = do_smem.reshape([BLOCK_M, HEAD_DIM]).slice(HALF * HALF_M, HALF_M, dim=0)
+
+    it = 0  # KV tiles consumed so far, over all work items: the ring's slot and phase
+    done = 0  # work items finished: Q's phase
+    for item in range(first_item, num_items, num_programs):
+        b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
+        # This warpgroup's rows: log2-LSE and delta (padding rows read 0: finite, not stored).
+        rows = HALF * HALF_M + gl.arange(0, HALF_M, layout=row_layout)
+        i0 = (t0 * T0 + rows // (T1 * T2)).to(gl.int64)
+        i1 = (t1 * T1 + (rows // T2) % T1).to(gl.int64)
+        i2 = (t2 * T2 + rows % T2).to(gl.int64)
+        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+        l_off = (b.to(gl.int64) * sl_b + h.to(gl.int64) * sl_h + i0 * sl_0 + i1 * sl_1
+                 + i2 * sl_2)
+        lse2 = gl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
+        delta = gl.load(Delta + l_off, mask=row_ok, other=0.0)
+        mbarrier.wait(q_full, done & 1)
+
+        # First KV tile: its dS K stays in flight while the next scores are issued.
+        slot = it % STAGES
+        phase = (it // STAGES) & 1
+        k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        mbarrier.wait(k_full.index(slot), phase)
+        s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_full.index(slot), phase)
+        dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s])
+        p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+        dp = warpgroup_mma_wait(0, deps=[dp])
+        ds = p * (dp - gl.expand_dims(delta, 1))
+        ds16 = gl.convert_layout(ds.to(dtype), op_layout)
+        dq = warpgroup_mma(ds16, k, gl.zeros([HALF_M, HEAD_DIM], gl.float32, acc_layout),
+                           use_acc=False, is_async=True)
+        prev = slot
+        it += 1
+        for j in range(1, n):
+            slot = it % STAGES
+            phase = (it // STAGES) & 1
+            k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+            v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+            mbarrier.wait(k_full.index(slot), phase)
+            s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_full.index(slot), phase)
+            dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s, dq, ds16 = warpgroup_mma_wait(1, deps=[s, dq, ds16])
+            mbarrier.arrive(kv_empty.index(prev), count=1)  # the previous dS K is done
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            dp = warpgroup_mma_wait(0, deps=[dp])
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            ds16 = gl.convert_layout(ds.to(dtype), op_layout)
+            dq = warpgroup_mma(ds16, k, dq, is_async=True)
+            prev = slot
+            it += 1
+        dq, ds16 = warpgroup_mma_wait(0, deps=[dq, ds16])
+        mbarrier.arrive(kv_empty.index(prev), count=1)
+        # Done with this Q tile: the producer loads the next one during the epilogue.
+        mbarrier.arrive(q_empty, count=1)
+        done += 1
+
+        # Epilogue: the rows inside the layout, scaled.
+        acc_rows: gl.constexpr = gl.SliceLayout(1, acc_layout)
+        tok = gl.convert_layout(i0 * sdq_0 + i1 * sdq_1 + i2 * sdq_2, acc_rows)
+        ok = gl.convert_layout(row_ok, acc_rows)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        dq_ptrs = (dQ + b.to(gl.int64) * sdq_b + h.to(gl.int64) * sdq_h
+                   + gl.expand_dims(tok, 1) + gl.expand_dims(offs_d, 0))
+        gl.store(dq_ptrs, (dq * scale).to(dtype), mask=gl.expand_dims(ok, 1))
+
+
+@gluon.jit
+def _dq_consume_rows_0_63(descs, bufs, bars, geo, outs, sched, scales):
+    _dq_consume(0, descs, bufs, bars, geo, outs, sched, scales)
+
+
+@gluon.jit
+def _dq_consume_rows_64_127(descs, bufs, bars, geo, outs, sched, scales):
+    _dq_consume(1, descs, bufs, bars, geo, outs, sched, scales)
+
+
+@gluon.jit
+def _dq_produce(descs, bufs, bars, geo, outs, sched, scales):
+    """Producer warp: Q and dO, then the K/V tiles of every work item, in the consumers'
+    order."""
+    q_desc, do_desc, k_desc, v_desc = descs
+    q_smem, do_smem, k_smem, v_smem = bufs
+    q_full, q_empty, k_full, v_full, kv_empty = bars
+    first_item, num_items, num_programs = sched
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    T0: gl.constexpr = q_desc.block_type.shape[0]
+    T1: gl.constexpr = q_desc.block_type.shape[1]
+    T2: gl.constexpr = q_desc.block_type.shape[2]
+    it = 0
+    done = 0
+    for item in range(first_item, num_items, num_programs):
+        b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
+        j0 = ff0
+        j1 = ff1
+        j2 = ff2
+        # The first K/V tiles go before Q/dO: their slots free up while the consumers are
+        # still on the previous item, whose Q and dO they hold until its last GEMMs.
+        n_first = gl.minimum(n, STAGES)
+        for j in range(n_first):
+            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
+                     j2, h_kv)
+            j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+            it += 1
+        mbarrier.wait(q_empty, (done & 1) ^ 1)
+        coords = [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0]
+        mbarrier.expect(q_full, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, coords, q_full, q_smem)
+        tma.async_copy_global_to_shared(do_desc, coords, q_full, do_smem)
+        done += 1
+        for j in range(n_first, n):
+            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
+                     j2, h_kv)
+            j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+            it += 1
+
+
+@gluon.jit
+def gna_backward_dq_block_sparse_kernel(
+    dQ, Lse, Delta, Rng, q_desc, do_desc, k_desc, v_desc,
+    sdq_b, sdq_0, sdq_1, sdq_2, sdq_h, sl_b, sl_0, sl_1, sl_2, sl_h,
+    L0, G0, G1, G2, NT0, NT1, NT2, rng_s0, rng_s2,
+    heads, groups_per_kv, qk_scale, scale, num_items,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """dQ of perfectly block-sparse GNA without additional keys. Launch as the block-sparse
+    forward (``num_warps=4``, one program per SM at most); ``Rng`` is the forward's per-Q-tile
+    KV range table, ``Lse`` the forward's natural-log LSE and ``Delta`` the delta kernel's, both
+    laid out as a contiguous ``[batch, *spatial, heads]``; ``num_items`` = Q tiles x batch x
+    heads."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_full, count=1)
+    mbarrier.init(q_empty, count=2)  # both consumers release Q and dO
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a slot
+
+    descs = (q_desc, do_desc, k_desc, v_desc)
+    bufs = (q_smem, do_smem, k_smem, v_smem)
+    bars = (q_full, q_empty, k_full, v_full, kv_empty)
+    geo = (Rng, rng_s0, rng_s2, L0, NT0, NT1, NT2, heads, groups_per_kv, G0, G1, G2)
+    outs = (dQ, Lse, Delta, sdq_b, sdq_0, sdq_1, sdq_2, sdq_h, sl_b, sl_0, sl_1, sl_2, sl_h)
+    sched = (gl.program_id(0), num_items, gl.num_programs(0))
+    args = (descs, bufs, bars, geo, outs, sched, (qk_scale, scale))
+    gl.warp_specialize([
+        (_dq_consume_rows_0_63, args),
+        (_dq_consume_rows_64_127, args),
+        (_dq_produce, args),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
