@@ -215,18 +215,24 @@ def _produce(descs, bufs, bars, geo, outs, sched, qk_scale):
         j0 = ff0
         j1 = ff1
         j2 = ff2
-        # The first K/V tiles go before Q: their slots free up while the consumers are still
-        # on the previous item, whose Q they hold until their last scores.
+        q_coords = [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0]
+        if done == 0:
+            # The program's first Q goes first: the first scores need only it and the first K,
+            # and at launch every SM's copies compete for bandwidth.
+            mbarrier.expect(q_full, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, q_coords, q_full, q_smem)
+        # Later items' first K/V tiles go before Q: their slots free up while the consumers
+        # are still on the previous item, whose Q they hold until their last scores.
         n_first = gl.minimum(n, STAGES)
         for j in range(n_first):
             _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
                      j2, h_kv)
             j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
-        mbarrier.wait(q_empty, (done & 1) ^ 1)
-        mbarrier.expect(q_full, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0], q_full,
-                                        q_smem)
+        if done > 0:
+            mbarrier.wait(q_empty, (done & 1) ^ 1)
+            mbarrier.expect(q_full, q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, q_coords, q_full, q_smem)
         done += 1
         for j in range(n_first, n):
             _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
