@@ -32,6 +32,7 @@ from .sim import _halve, _next_pow2
 try:  # Triton is optional: without it this backend reports why it cannot run.
     import triton
     from triton.runtime import _allocation
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from .kernels.forward import gna_forward_kernel
@@ -259,42 +260,26 @@ def launch_forward(q, k, v, extra_k, extra_v, geo: Geometry, scale: float, confi
         return _launch_gluon_forward(plan, q, k, v, out, lse)
     tensors = (q, k, v, k if extra_k is None else extra_k, v if extra_v is None else extra_v,
                out, lse, plan.win, plan.rng, plan.rng if counts is None else counts)
-    hooks = _launch_hooks_set()
     if plan.descriptors is not None:
-        if plan.compiled and plan.compiled[1] is not None and not hooks:
-            plan.compiled[1](tensors, (k, v))  # relaunch with cached tensor maps
-            return out, lse
         shape, (k_strides, v_strides), block = plan.descriptors
-        tensors += (fast_descriptor(TensorDescriptor, k, shape, k_strides, block),
-                    fast_descriptor(TensorDescriptor, v, shape, v_strides, block))
+        descriptors = ((TensorDescriptor, k, shape, k_strides, block),
+                       (TensorDescriptor, v, shape, v_strides, block))
     else:  # never read: the kernel makes its own descriptors or uses pointers
-        tensors += (k, v)
+        tensors, descriptors = tensors + (k, v), ()
     c = plan.config
-    if plan.compiled and not hooks:
-        # This signature compiled before: straight to the compiled kernel's launcher.
-        _run_compiled(plan.compiled[0], plan.grid, tensors, plan.scalars, plan.values,
-                      c.use_tma)
-        return out, lse
-    with _scratch_allocator(c.use_tma):
-        try:
-            compiled = launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
-                                     plan.constexprs, c.num_warps, c.num_stages)
-        except RuntimeError as e:
-            # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
-            # ("PassManager::run failed"); those run without it, from now on.
-            if not c.warp_specialize or "PassManager" not in str(e):
-                raise
-            plan = plans[key] = dataclasses.replace(
-                plan, config=dataclasses.replace(c, warp_specialize=False),
-                constexprs={**plan.constexprs, "WARP_SPECIALIZE": False}, compiled=[])
-            compiled = launch_cached(gna_forward_kernel, plan.grid, tensors, plan.scalars,
-                                     plan.constexprs, c.num_warps, c.num_stages)
-    if compiled is not None and not plan.compiled:
-        relaunch = None
-        if plan.descriptors is not None:
-            relaunch = _Relaunch.build(compiled, plan.grid,
-                                       (*tensors, *plan.scalars, *plan.values))
-        plan.compiled.extend((compiled, relaunch))
+    try:
+        launch_planned(plan.compiled, gna_forward_kernel, plan.grid, tensors, descriptors,
+                       plan.scalars, plan.constexprs, c.num_warps, c.num_stages, tma=c.use_tma)
+    except RuntimeError as e:
+        # Triton 3.6's warp-specialization pass fails on some tile/head-dim combinations
+        # ("PassManager::run failed"); those run without it, from now on.
+        if not c.warp_specialize or "PassManager" not in str(e):
+            raise
+        plan = plans[key] = dataclasses.replace(
+            plan, config=dataclasses.replace(c, warp_specialize=False),
+            constexprs={**plan.constexprs, "WARP_SPECIALIZE": False}, compiled=[])
+        launch_planned(plan.compiled, gna_forward_kernel, plan.grid, tensors, descriptors,
+                       plan.scalars, plan.constexprs, c.num_warps, c.num_stages, tma=c.use_tma)
     return out, lse
 
 
@@ -333,19 +318,15 @@ class _ForwardPlan:
     # The Gluon block-sparse kernel's Q, K, V descriptors: ((shape, strides, block, layout),
     # ...) per tensor, or None where the Triton kernel runs.
     gluon: tuple | None = None
-    # Filled by the first launch: the compiled kernel, valid for every call of this signature
-    # (it fixes the dtypes, pointer alignments and scalars Triton specializes on), and its
-    # _Relaunch where it takes host descriptors (None where not, or where unavailable).
+    # Filled by the first launch (launch_planned): the compiled kernel, valid for every call of
+    # this signature (it fixes the dtypes, pointer alignments and scalars Triton specializes
+    # on), its _Relaunch where it takes host descriptors (None where not, or unavailable) and
+    # its constexpr values.
     compiled: list = dataclasses.field(default_factory=list)
 
     @property
     def kernel(self):
         return gna_forward_kernel if self.gluon is None else _gluon_forward_kernel()
-
-    @functools.cached_property
-    def values(self) -> tuple:
-        """The constexprs in the kernel's parameter order."""
-        return _constexpr_values(self.kernel, self.constexprs)
 
 
 _FORWARD_PLANS: dict = {}
@@ -420,40 +401,67 @@ def gluon_block_sparse_ineligible(q, k, v, extra_k, geo: Geometry, config: Launc
         return "additional keys/values"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"needs fp16 or bf16 inputs, got {q.dtype}"
-    head_dim = q.shape[-1]
-    if head_dim not in (64, 128):
-        return f"needs head_dim 64 or 128, got {head_dim}"
+    why = gluon_dtype_ineligible(q)
+    if why:
+        return why
     if math.prod(config.q_tile) != 128 or math.prod(config.kv_tile) != 128:
         return f"needs 128-token tiles, got {config.q_tile}/{config.kv_tile}"
     visited, full = geo.tile_counts(config.q_tile, config.kv_tile)
     if (visited != full).any() or full.min() < 1:
         return "some Q tiles visit partially masked KV tiles"
-    if not q.is_cuda or _interpreting() or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "needs a Hopper GPU (sm_90)"
-    if not _tma_compatible(q, k, v):
-        return "q, k, v not 16-byte aligned for the copy engine"
-    plan = _plan(geo, config.q_tile, config.kv_tile)
-    if any(_merged_layout(t, plan.geo3, geo.ndim) is None for t in (q, k, v)):
-        return "batch stride does not merge with the first dimension's"
-    need = q.element_size() * head_dim * 128 * (1 + 2 * _GLUON_STAGES)
+    why = gluon_device_ineligible((q, k, v), _plan(geo, config.q_tile, config.kv_tile).geo3,
+                                  geo.ndim)
+    if why:
+        return why
+    need = q.element_size() * q.shape[-1] * 128 * (1 + 2 * _GLUON_STAGES)
     if need > shared_limit(q.device):
         return f"needs {need} bytes of shared memory"
     return None
 
 
-def _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale):
+def gluon_dtype_ineligible(q) -> str | None:
+    """What the Gluon block-sparse kernels need of the inputs' type: fp16 or bf16, head dims
+    64 or 128 (or None)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16 or bf16 inputs, got {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"needs head_dim 64 or 128, got {q.shape[-1]}"
+    return None
+
+
+def gluon_device_ineligible(tensors, geo3: Geometry, ndim: int) -> str | None:
+    """What the Gluon block-sparse kernels need of the device and of the tensors they read
+    through 5-D host descriptors (or None): a Hopper GPU (they issue ``wgmma``), 16-byte
+    aligned tensors, and batch and first dimension mergeable (:func:`_merged_layout`)."""
+    q = tensors[0]
+    if not q.is_cuda or _interpreting() or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs a Hopper GPU (sm_90)"
+    if not _tma_compatible(*tensors):
+        return "inputs not 16-byte aligned for the copy engine"
+    if any(_merged_layout(t, geo3, ndim) is None for t in tensors):
+        return "batch stride does not merge with the first dimension's"
+    return None
+
+
+def gluon_descriptor_specs(tensors_and_tiles, geo3: Geometry, ndim: int) -> tuple:
+    """``(shape, strides, block, layout)`` of a Gluon host descriptor per ``(tensor, tile)``:
+    boxes of one (padded 3-D) tile of one head over the 5-D ``[batch * L0, L1, L2, heads, d]``
+    view (:func:`_merged_layout`)."""
     from triton.experimental.gluon import language as gl
 
-    ndim = geo.ndim
-    elem = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    descriptors = []
-    for t, tile in ((q, plan.q_tile), (k, plan.kv_tile), (v, plan.kv_tile)):
-        shape, strides = _merged_layout(t, plan.geo3, ndim)
+    specs = []
+    for t, tile in tensors_and_tiles:
+        shape, strides = _merged_layout(t, geo3, ndim)
         block = [*tile, 1, t.shape[-1]]
-        descriptors.append((shape, strides, block,
-                            gl.NVMMASharedLayout.get_default_for(block, elem)))
+        elem = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+        specs.append((shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, elem)))
+    return tuple(specs)
+
+
+def _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale):
+    ndim = geo.ndim
+    descriptors = gluon_descriptor_specs(
+        ((q, plan.q_tile), (k, plan.kv_tile), (v, plan.kv_tile)), plan.geo3, ndim)
     batch, heads = q.shape[0], q.shape[-2]
     num_items = math.prod(plan.n_tiles) * batch * heads
     programs = min(num_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
@@ -463,26 +471,13 @@ def _plan_gluon_forward(q, k, v, geo, config, plan, rng, lse_strides, out, scale
     constexprs = dict(STAGES=_GLUON_STAGES, CONSUMER_REGS=_GLUON_REGS[0],
                       PRODUCER_REGS=_GLUON_REGS[1])
     return _ForwardPlan(config, (programs, 1, 1), scalars, constexprs, None, rng, None,
-                        gluon=tuple(descriptors))
+                        gluon=descriptors)
 
 
 def _launch_gluon_forward(plan, q, k, v, out, lse):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-
-    hooks = _launch_hooks_set()
-    if plan.compiled and plan.compiled[1] is not None and not hooks:
-        plan.compiled[1]((out, lse, plan.rng), (q, k, v))
-        return out, lse
-    tensors = (out, lse, plan.rng, *(fast_descriptor(GluonDescriptor, t, *spec)
-                                     for t, spec in zip((q, k, v), plan.gluon)))
-    if plan.compiled and not hooks:
-        _run_compiled(plan.compiled[0], plan.grid, tensors, plan.scalars, plan.values, False)
-        return out, lse
-    compiled = launch_cached(plan.kernel, plan.grid, tensors, plan.scalars, plan.constexprs,
-                             _GLUON_NUM_WARPS, 1, maxnreg=_GLUON_MAXNREG)
-    if compiled is not None and not plan.compiled:
-        plan.compiled.extend((compiled, _Relaunch.build(
-            compiled, plan.grid, (*tensors, *plan.scalars, *plan.values))))
+    launch_planned(plan.compiled, plan.kernel, plan.grid, (out, lse, plan.rng),
+                   tuple((GluonDescriptor, t, *spec) for t, spec in zip((q, k, v), plan.gluon)),
+                   plan.scalars, plan.constexprs, _GLUON_NUM_WARPS, 1, maxnreg=_GLUON_MAXNREG)
     return out, lse
 
 
@@ -702,7 +697,7 @@ class _Relaunch:
                  run.launch_pdl, None, None, c.packed_metadata, None, None, None, *args)
 
 
-def fast_descriptor(cls, base, shape, strides, block, layout=None):
+def _fast_descriptor(cls, base, shape, strides, block, layout=None):
     """A host tensor descriptor of class ``cls`` (Triton's, or Gluon's with its shared memory
     ``layout``) without its constructor's checks (alignment, strides, block), which the launch
     plans made once per input signature."""
@@ -711,6 +706,33 @@ def fast_descriptor(cls, base, shape, strides, block, layout=None):
     if layout is not None:
         d.layout = layout
     return d
+
+
+def launch_planned(compiled: list, kernel, grid, tensors, descriptors, scalars,
+                   constexprs: dict, num_warps: int, num_stages: int,
+                   maxnreg: int | None = None, tma: bool = False):
+    """Launch ``kernel(*tensors, *descriptors, *scalars, **constexprs)`` for a launch plan that
+    keeps, in ``compiled``, what its first launch compiled (the kernel, its :class:`_Relaunch`
+    or None, its constexpr values): later calls relaunch that directly
+    (through its :class:`_Relaunch` where the kernel takes host descriptors), the first goes
+    through :func:`launch_cached`. ``descriptors``: ``(class, tensor, shape, strides, block[,
+    layout])`` per host tensor descriptor; ``tma``: the kernel makes device-side descriptors
+    and needs scratch memory."""
+    hooks = _launch_hooks_set()
+    if compiled and compiled[1] is not None and not hooks:
+        compiled[1](tensors, tuple(d[1] for d in descriptors))
+        return
+    args = tensors + tuple(_fast_descriptor(*d) for d in descriptors)
+    if compiled and not hooks:
+        _run_compiled(compiled[0], grid, args, scalars, compiled[2], tma)
+        return
+    with _scratch_allocator(tma):
+        new = launch_cached(kernel, grid, args, scalars, constexprs, num_warps, num_stages,
+                            maxnreg)
+    if new is not None and not compiled:
+        values = _constexpr_values(kernel, constexprs)
+        relaunch = _Relaunch.build(new, grid, (*args, *scalars, *values)) if descriptors else None
+        compiled.extend((new, relaunch, values))
 
 
 @functools.lru_cache(maxsize=64)

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import triton
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
 
 from .geometry import Geometry, group_length
 from .kernels.backward import (
@@ -47,24 +46,22 @@ from .kernels.backward import (
 )
 from .triton_backend import (
     _LOG2E,
+    GluonDescriptor,
     LaunchConfig,
-    _constexpr_values,
     _device_tables,
-    _launch_hooks_set,
-    _Relaunch,
-    _run_compiled,
     _halve,
-    _merged_layout,
     _next_pow2,
     _pad3,
     _plan,
-    _scratch_allocator,
     _strides,
     _tma_compatible,
     cache_plan,
     extra_args,
-    fast_descriptor,
+    gluon_descriptor_specs,
+    gluon_device_ineligible,
+    gluon_dtype_ineligible,
     launch_cached,
+    launch_planned,
     shared_limit,
     signature,
     token_table,
@@ -393,22 +390,16 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
         return why
     if kind == "dq" and extra_k is not None:
         return "additional keys/values"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"needs fp16 or bf16 inputs, got {q.dtype}"
-    head_dim = q.shape[-1]
-    if head_dim not in (64, 128):
-        return f"needs head_dim 64 or 128, got {head_dim}"
+    why = gluon_dtype_ineligible(q)
+    if why:
+        return why
     geo3 = _plan(geo, q_tile, kv_tile).geo3
     if kind == "dkdv" and q.shape[0] > 1 and geo3.shape[0] % q_tile[0]:
         return f"Q tiles {q_tile} overhang the first dimension ({geo3.shape[0]}) of a batch"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "needs a Hopper GPU (sm_90)"
-    tensors = (q, k, v, dout)
-    if not _tma_compatible(*tensors):
-        return "q, k, v, dout not 16-byte aligned for the copy engine"
-    if any(_merged_layout(t, geo3, geo.ndim) is None for t in tensors):
-        return "batch stride does not merge with the first dimension's"
-    elem = q.element_size()
+    why = gluon_device_ineligible((q, k, v, dout), geo3, geo.ndim)
+    if why:
+        return why
+    elem, head_dim = q.element_size(), q.shape[-1]
     if kind == "dq":  # Q, dO; per slot K, V
         need = elem * head_dim * 2 * (128 + math.prod(kv_tile) * stages)
     else:  # K, V; per slot Q, dO and their two row statistics
@@ -418,19 +409,11 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
     return None
 
 
-def _gluon_descriptors(named, geo3: Geometry, ndim: int):
-    """``(name, shape, strides, block, layout)`` of a host tensor descriptor per ``(name,
-    tensor, tile)``, over the 5-D ``[batch * L0, L1, L2, heads, d]`` view."""
-    from triton.experimental.gluon import language as gl
-
-    out = []
-    for name, t, tile in named:
-        shape, strides = _merged_layout(t, geo3, ndim)
-        block = [*tile, 1, t.shape[-1]]
-        elem = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-        layout = gl.NVMMASharedLayout.get_default_for(block, elem)
-        out.append((name, shape, strides, block, layout))
-    return tuple(out)
+def _gluon_descriptors(named, geo3: Geometry, ndim: int) -> tuple:
+    """``(buffer name, shape, strides, block, layout)`` per ``(name, tensor, tile)``: the
+    Gluon kernels' host descriptors over the named buffers of a call."""
+    specs = gluon_descriptor_specs(((t, tile) for _, t, tile in named), geo3, ndim)
+    return tuple((name, *spec) for (name, _, _), spec in zip(named, specs))
 
 
 def _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, stat_stride, qk_scale,
@@ -480,7 +463,7 @@ def _plan_gluon_dq(q, k, v, dout, dq, geo, c: KernelConfig, l_strides, qk_scale,
                qk_scale, scale, num_items)
     regs = _GLUON_REGS["dq"]
     return _Launch(gna_backward_dq_block_sparse_kernel, (programs, 1, 1),
-                   ("dq", "lse", "delta", "rng_gluon"), scalars,
+                   ("dq", "lse", "delta", "rng"), scalars,
                    dict(STAGES=c.gluon_stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1]),
                    _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG), rng
 
@@ -531,30 +514,13 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
                    dq=dq, dk=dk, dv=dv,
                    dlse=delta if dlse is None else dlse, extra_k=k if extra_k is None else extra_k,
                    extra_v=v if extra_v is None else extra_v, **plan.tables)
-    hooks = _launch_hooks_set()
     for launch in plan.launches:
-        tensors = tuple(buffers[n] for n in launch.tensors)
-        if launch.compiled and not hooks:  # compiled before for this plan: relaunch
-            if launch.compiled[1] is not None:
-                launch.compiled[1](tensors, tuple(buffers[d[0]] for d in launch.descriptors))
-                continue
-            tensors += tuple(fast_descriptor(_GluonDescriptor, buffers[name], *spec)
-                             for name, *spec in launch.descriptors)
-            _run_compiled(launch.compiled[0], launch.grid, tensors, launch.scalars,
-                          launch.values, launch.tma)
-            continue
-        tensors += tuple(fast_descriptor(_GluonDescriptor, buffers[name], *spec)
-                         for name, *spec in launch.descriptors)
-        with _scratch_allocator(launch.tma):
-            compiled = launch_cached(launch.kernel, launch.grid, tensors, launch.scalars,
-                                     launch.constexprs, launch.num_warps, launch.num_stages,
-                                     launch.maxnreg)
-        if compiled is not None and not launch.compiled:
-            relaunch = None
-            if launch.descriptors:
-                relaunch = _Relaunch.build(compiled, launch.grid,
-                                           (*tensors, *launch.scalars, *launch.values))
-            launch.compiled.extend((compiled, relaunch))
+        launch_planned(launch.compiled, launch.kernel, launch.grid,
+                       tuple(buffers[n] for n in launch.tensors),
+                       tuple((GluonDescriptor, buffers[name], *spec)
+                             for name, *spec in launch.descriptors),
+                       launch.scalars, launch.constexprs, launch.num_warps, launch.num_stages,
+                       launch.maxnreg, launch.tma)
     if extra_k is None:
         return dq, dk, dv, None, None
     dextra_k, dextra_v = _launch_extra(q, extra_k, extra_v, dout, lse, delta, plan.l_strides,
@@ -579,13 +545,8 @@ class _Launch:
     tma: bool
     descriptors: tuple = ()
     maxnreg: int | None = None
-    # Filled by the first launch (see the forward's _ForwardPlan.compiled): the compiled kernel
-    # and, where it takes host descriptors, its _Relaunch (or None).
+    # Filled by the first launch (gna.triton_backend.launch_planned).
     compiled: list = dataclasses.field(default_factory=list)
-
-    @functools.cached_property
-    def values(self) -> tuple:
-        return _constexpr_values(self.kernel, self.constexprs)
 
 
 @dataclass(frozen=True)
@@ -682,8 +643,8 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     c = dq_config
     if c.gluon and gluon_backward_ineligible("dq", q, k, v, dout, extra_k, geo, c.q_tile,
                                              c.kv_tile, c.gluon_stages) is None:
-        launch, tables["rng_gluon"] = _plan_gluon_dq(q, k, v, dout, dq, geo, c, l_strides,
-                                                     qk_scale, scale)
+        launch, tables["rng"] = _plan_gluon_dq(q, k, v, dout, dq, geo, c, l_strides,
+                                               qk_scale, scale)
         launches.append(launch)
     else:
         _, _, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)

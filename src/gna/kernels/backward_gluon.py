@@ -42,7 +42,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-from .forward_gluon import _copy_kv, _next_full_tile, _work_item
+from .forward_gluon import _copy_kv, _next_full_tile, _work_item, wgmma_layout
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -98,10 +98,8 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
     STAGES: gl.constexpr = q_smem.type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators of one warpgroup: scores [keys, queries]; dK, dV [keys, head_dim].
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_M)
+    acc_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     s_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
@@ -334,10 +332,8 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
     STAGES: gl.constexpr = k_smem.type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators of one warpgroup (64 rows); dS goes to the dQ GEMM from registers.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N)
+    acc_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)

@@ -31,6 +31,14 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.runtime.jit import constexpr_function
+
+
+@constexpr_function
+def wgmma_layout(columns):
+    """The layout of a wgmma accumulator of one warpgroup (64 rows) and ``columns`` columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                     instr_shape=[16, columns, 16])
 
 
 @gluon.jit
@@ -94,10 +102,8 @@ def _consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, qk_scale):
     STAGES: gl.constexpr = k_smem.type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators of one warpgroup (64 rows); P goes to the second GEMM from registers.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N)
+    o_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(HALF * HALF_M, HALF_M, dim=0)
