@@ -12,7 +12,13 @@ the work the way FlashAttention-3 does:
   shared-memory slots, signalling mbarriers;
 - two **consumer warpgroups** each own 64 rows of the 128-row Q tile and share the K/V slots.
   They synchronize only through the mbarriers, so one runs its softmax while the other's GEMMs
-  use the tensor cores; each keeps its ``P V`` GEMM in flight while it issues the next scores;
+  use the tensor cores. Each issues in FlashAttention-3's order: tile ``j``'s scores, then tile
+  ``j - 1``'s ``P V``, both in flight, then waits for the scores only, so its own softmax starts
+  while ``P V`` runs (measured against issuing ``P V`` first: -2% on the 1-D and 3-D strided
+  benchmark rows, -6% dense, session 7 of ``benchmarks/NOTES.md``). ptxas schedules the
+  ``P V`` wait above the softmax's ``exp2`` (only the row max overlaps it); forcing the order
+  (as the dQ kernel does) measured slower here, and so did FlashAttention-3's ping-pong
+  (named barriers making the consumers take turns issuing);
 - the program is **persistent**: one per SM, walking the work items (Q tile, batch, head) in
   the same order as the Triton kernel's grid. The producer fetches the next item's K/V (and its
   Q, as soon as both consumers are done with the current one) while the consumers finish the
@@ -115,7 +121,7 @@ def _consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, qk_scale):
         acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
         mbarrier.wait(q_full, done & 1)
 
-        # First KV tile: its P V stays in flight while the next scores are issued.
+        # First KV tile: scores and softmax; its P V waits for the next tile's scores.
         slot = it % STAGES
         phase = (it // STAGES) & 1
         mbarrier.wait(k_full.index(slot), phase)
@@ -125,35 +131,40 @@ def _consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, qk_scale):
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_full.index(slot), phase)
-        acc = warpgroup_mma(p16, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc,
-                            use_acc=False, is_async=True)
         prev = slot
+        prev_phase = phase
         it += 1
         for j in range(1, n):
+            # FlashAttention-3's order: this tile's scores, then the previous tile's P V, both
+            # in flight; the softmax runs while P V still uses the tensor cores.
             slot = it % STAGES
             phase = (it // STAGES) & 1
             mbarrier.wait(k_full.index(slot), phase)
             s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                               s_zero, use_acc=False, is_async=True)
-            s, acc, p16 = warpgroup_mma_wait(0, deps=[s, acc, p16])
-            mbarrier.arrive(kv_empty.index(prev), count=1)  # the previous P V is done
+            mbarrier.wait(v_full.index(prev), prev_phase)
+            acc = warpgroup_mma(p16, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s])
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
+            acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
+            mbarrier.arrive(kv_empty.index(prev), count=1)  # the previous P V is done
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             p16 = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_full.index(slot), phase)
-            acc = warpgroup_mma(p16, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc,
-                                is_async=True)
             prev = slot
+            prev_phase = phase
             it += 1
+        # Every score of this Q tile is done: the producer loads the next one meanwhile.
+        mbarrier.arrive(q_empty, count=1)
+        mbarrier.wait(v_full.index(prev), prev_phase)
+        acc = warpgroup_mma(p16, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                            is_async=True)
         acc, p16 = warpgroup_mma_wait(0, deps=[acc, p16])
         mbarrier.arrive(kv_empty.index(prev), count=1)
-        # Done with this Q tile: the producer loads the next one during the epilogue.
-        mbarrier.arrive(q_empty, count=1)
         done += 1
 
         # Epilogue: normalize, store the rows inside the layout, natural-log LSE.
