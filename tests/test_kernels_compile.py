@@ -153,6 +153,7 @@ GLUON_CASES = {
     "forward-gluon-block-sparse-1d-fp16-d128": ("forward", "fp16", (1, 1, 128), (1, 1, 128), 128),
     "forward-gluon-block-sparse-3d-bf16-d64": ("forward", "bf16", (2, 8, 8), (2, 8, 8), 64),
     "dq-gluon-block-sparse-1d-fp16-d128": ("dq", "fp16", (1, 1, 128), (1, 1, 128), 128),
+    "dq-gluon-block-sparse-1d-fp16-d128-kv64": ("dq", "fp16", (1, 1, 128), (1, 1, 64), 128),
     "dq-gluon-block-sparse-2d-fp16-d128-kv64": ("dq", "fp16", (1, 8, 16), (1, 8, 8), 128),
     "dq-gluon-block-sparse-3d-bf16-d64": ("dq", "bf16", (2, 8, 8), (2, 8, 8), 64),
     "dkdv-gluon-block-sparse-2d-fp16-d128": ("dkdv", "fp16", (1, 8, 8), (1, 8, 16), 128),
@@ -170,8 +171,68 @@ def test_kernel_compiles_for_hopper_with_unit_sizes(case):
     assert done.returncode == 0, f"{case} does not compile for sm_90:\n{done.stderr[-3000:]}"
 
 
+def _sass_opcodes(case: str) -> list[str]:
+    """The sm_90 SASS of a Gluon case, one ``OPCODE operands`` string per instruction
+    (compiled in a fresh process, disassembled with the cuobjdump Triton ships)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__, "--sass", case], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def _count(ops, prefix):
+    return sum(op.startswith(prefix) for op in ops)
+
+
+@pytest.mark.parametrize("case", [c for c in GLUON_CASES if c != "dq-gluon-block-sparse-1d-fp16-d128"])
+def test_gluon_kernels_keep_wgmma_asynchronous(case):
+    # ptxas silently serializes wgmma (a wait after every instruction) when it cannot keep an
+    # asynchronous pipeline's registers apart: it did for a dK/dV variant whose GEMMs stayed
+    # in flight across steps, and it does for the dQ kernel on 128-key tiles at d=128 (the
+    # case left out here: three 64 x 128 fp32 accumulators in flight; the planner gives the
+    # dQ kernel 64-key tiles). The kernels issue 4-8 wgmma per wait.
+    ops = _sass_opcodes(case)
+    hgmma, waits = _count(ops, "HGMMA"), _count(ops, "WARPGROUP.DEPBAR")
+    assert hgmma >= 3 * waits, f"{case}: {hgmma} HGMMA, {waits} waits"
+
+
+def test_gluon_dq_runs_exp2_while_dp_gemm_runs():
+    # The dQ kernel waits for the scores (wait 1), computes P = exp2(...), then waits for dP
+    # (wait 0). ptxas scheduled the second wait above nearly all the exp2 (5 of 32) until a
+    # re-wait on a completed mbarrier pinned the order (session 7: -10 to -13% dQ time).
+    # On 64-key tiles each thread of a consumer computes 64 x 64 / 128 = 32 exp2 per step.
+    ops = _sass_opcodes("dq-gluon-block-sparse-2d-fp16-d128-kv64")
+    best, inside = 0, None
+    for op in ops:
+        if op.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x1"):
+            inside = 0
+        elif op.startswith("WARPGROUP.DEPBAR") and inside is not None:
+            best, inside = max(best, inside), None
+        elif op.startswith("MUFU.EX2") and inside is not None:
+            inside += 1
+    assert best >= 32, f"at most {best} exp2 between a score wait and the dP wait"
+
+
 if __name__ == "__main__":
-    if sys.argv[1] in GLUON_CASES:
+    if sys.argv[1] == "--sass":
+        import re
+        import tempfile
+        from pathlib import Path
+
+        compiled = _compile_gluon(*GLUON_CASES[sys.argv[2]])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+        for line in sass.splitlines():
+            m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+            if m:
+                print(m.group(1).lstrip("@!P0123456789UT ") if m.group(1).startswith("@")
+                      else m.group(1))
+    elif sys.argv[1] in GLUON_CASES:
         compiled = _compile_gluon(*GLUON_CASES[sys.argv[1]])
         # Within an H100's shared memory per block, as the launcher plans.
         assert compiled.metadata.shared <= 232448, compiled.metadata.shared

@@ -32,7 +32,10 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
 * :func:`gna_backward_dq_block_sparse_kernel`: query-major, the forward's loop with dO resident
   beside Q and a third GEMM: per KV tile ``S = Q K^T``, ``dP = dO V^T``, ``dS = P (dP -
   delta)``, ``dQ += dS K``; the ``dS K`` GEMM stays in flight while the next tile's two score
-  GEMMs are issued.
+  GEMMs are issued, and the ``exp2`` of ``P`` runs while the ``dP`` GEMM does. (ptxas scheduled
+  the ``dP`` wait above the ``exp2``; a second wait on an mbarrier already waited on, a loop it
+  does not move code across, keeps them in order: -10 to -13% dQ time, session 7 of
+  ``benchmarks/NOTES.md``.)
 
 Which problems qualify: :func:`gna.triton_backward.gluon_backward_ineligible`.
 """
@@ -367,6 +370,7 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
         dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s])
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+        mbarrier.wait(v_full.index(slot), phase)  # done already: keeps the exp2 above the wait
         dp = warpgroup_mma_wait(0, deps=[dp])
         ds = p * (dp - gl.expand_dims(delta, 1))
         ds16 = gl.convert_layout(ds.to(dtype), op_layout)
@@ -386,6 +390,10 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
             s, dq, ds16 = warpgroup_mma_wait(1, deps=[s, dq, ds16])
             mbarrier.arrive(kv_empty.index(prev), count=1)  # the previous dS K is done
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            # V was waited on already; waiting again is a loop ptxas does not move code across,
+            # which keeps the exp2 above the next wait (else scheduled after it, no overlap
+            # with the dP GEMM).
+            mbarrier.wait(v_full.index(slot), phase)
             dp = warpgroup_mma_wait(0, deps=[dp])
             ds = p * (dp - gl.expand_dims(delta, 1))
             ds16 = gl.convert_layout(ds.to(dtype), op_layout)
