@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--stride", type=int, default=2048)
+    p.add_argument("--sort", nargs="*", default=["tottime"],
+                   help="pstats orders to print (e.g. tottime cumulative)")
+    p.add_argument("--lines", type=int, default=25, help="functions printed per order")
     args = p.parse_args(argv)
     q, k, v = (torch.randn(1, 32768, 1, 128, device="cuda", dtype=torch.float16,
                            requires_grad=True) for _ in range(3))
@@ -59,9 +62,10 @@ def main(argv=None):
         prof.disable()
         torch.cuda.synchronize()
         text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        for order in args.sort:
+            pstats.Stats(prof, stream=text).sort_stats(order).print_stats(args.lines)
         print(f"== {name}: host {host:.1f} us per call", flush=True)
-        print("\n".join(text.getvalue().splitlines()[:45]), flush=True)
+        print(text.getvalue(), flush=True)
         if args.out:
             Path(args.out, f"host_profile_{name.replace('+', '_')}.txt").write_text(
                 text.getvalue())

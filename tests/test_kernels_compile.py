@@ -187,11 +187,12 @@ def _count(ops, prefix):
 
 @pytest.mark.parametrize("case", [c for c in GLUON_CASES if c != "dq-gluon-block-sparse-1d-fp16-d128"])
 def test_gluon_kernels_keep_wgmma_asynchronous(case):
-    # ptxas silently serializes wgmma (a wait after every instruction) when it cannot keep an
-    # asynchronous pipeline's registers apart: it did for a dK/dV variant whose GEMMs stayed
-    # in flight across steps, and it does for the dQ kernel on 128-key tiles at d=128 (the
-    # case left out here: three 64 x 128 fp32 accumulators in flight; the planner gives the
-    # dQ kernel 64-key tiles). The kernels issue 4-8 wgmma per wait.
+    # ptxas serializes wgmma (a wait after every instruction), saying so only under -v, when
+    # non-wgmma code may read an in-flight accumulator (C7514: it did for dK/dV variants whose
+    # next scores stayed in flight across steps) or registers run short (C7512: the dQ kernel
+    # on 128-key tiles at d=128, the case left out here, three 64 x 128 fp32 accumulators in
+    # flight; the planner gives the dQ kernel 64-key tiles). The kernels issue 4-8 wgmma per
+    # wait.
     ops = _sass_opcodes(case)
     hgmma, waits = _count(ops, "HGMMA"), _count(ops, "WARPGROUP.DEPBAR")
     assert hgmma >= 3 * waits, f"{case}: {hgmma} HGMMA, {waits} waits"
