@@ -1,7 +1,8 @@
 """Where the host time of a call goes: cProfile of many calls of the 1-D stride-2048 problem
 (the row host time bounds), forward alone (no grad) and an eager forward + backward step.
 
-    python benchmarks/host_profile.py [--calls 300] [--out DIR]
+    python benchmarks/host_profile.py [--calls 300] [--out DIR] [--sort tottime cumulative]
+    python benchmarks/host_profile.py --floor     # what PyTorch itself costs per step here
 
 Prints, per path, the host time per call (launches queued asynchronously, as in
 ``harness.host_time_us``) and the functions with the most own time; with ``--out`` also
@@ -25,6 +26,43 @@ import harness  # noqa: E402
 import gna  # noqa: E402
 
 
+def floor(calls: int) -> None:
+    """Host time of what any eager training step pays, on the same tensors: an autograd
+    Function whose forward and backward only allocate (2 + 3 tensors, as gna's do), five
+    ``torch.empty`` and one empty kernel launch. Printed and appended to the results file."""
+    q, k, v = (torch.randn(1, 32768, 1, 128, device="cuda", dtype=torch.float16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    class Allocate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            ctx.save_for_backward(q, k, v)
+            return torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_lse):
+            q, k, v = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        Allocate.apply(q, k, v)[0].backward(grad)
+
+    def empties():
+        for _ in range(5):
+            torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    rows = []
+    for name, fn in (("allocating autograd step", step), ("5 x torch.empty", empties),
+                     ("empty kernel launch", lambda: torch.cuda._sleep(1))):
+        host = harness.host_time_us(fn, calls=calls)
+        print(f"{name}: {host:.1f} us", flush=True)
+        rows.append({"problem": "floor", "path": name, "host_us": host, "calls": calls})
+    harness.append("host_overhead", rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--calls", type=int, default=300)
@@ -34,7 +72,12 @@ def main(argv=None):
     p.add_argument("--sort", nargs="*", default=["tottime"],
                    help="pstats orders to print (e.g. tottime cumulative)")
     p.add_argument("--lines", type=int, default=25, help="functions printed per order")
+    p.add_argument("--floor", action="store_true",
+                   help="only what PyTorch itself costs on this machine (see floor())")
     args = p.parse_args(argv)
+    if args.floor:
+        floor(args.calls)
+        return
     q, k, v = (torch.randn(1, 32768, 1, 128, device="cuda", dtype=torch.float16,
                            requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
