@@ -136,7 +136,8 @@ def _consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, qk_scale):
         it += 1
         for j in range(1, n):
             # FlashAttention-3's order: this tile's scores, then the previous tile's P V, both
-            # in flight; the softmax runs while P V still uses the tensor cores.
+            # in flight; the softmax starts while P V still uses the tensor cores (ptxas puts
+            # the P V wait before the exp2, so only the row max overlaps it).
             slot = it % STAGES
             phase = (it // STAGES) & 1
             mbarrier.wait(k_full.index(slot), phase)
