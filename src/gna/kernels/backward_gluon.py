@@ -45,7 +45,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-from .forward_gluon import _copy_kv, _next_full_tile, _work_item, wgmma_layout
+from .forward_gluon import _copy_kv, _work_item, wgmma_layout
+from .tiles import load_ranges, next_full_tile, split3, tile_tokens
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -63,15 +64,9 @@ def _dkdv_item(item, geo):
     pid_bh = item // per_head
     b = pid_bh // heads_kv
     h_kv = pid_bh % heads_kv
-    j0 = pid_t // (NK1 * NK2)
-    j1 = (pid_t // NK2) % NK1
-    j2 = pid_t % NK2
-    ff0 = gl.load(Inv + j0 * inv_s2 + 2)
-    fl0 = gl.load(Inv + j0 * inv_s2 + 3)
-    ff1 = gl.load(Inv + inv_s0 + j1 * inv_s2 + 2)
-    fl1 = gl.load(Inv + inv_s0 + j1 * inv_s2 + 3)
-    ff2 = gl.load(Inv + 2 * inv_s0 + j2 * inv_s2 + 2)
-    fl2 = gl.load(Inv + 2 * inv_s0 + j2 * inv_s2 + 3)
+    j0, j1, j2 = split3(pid_t, NK1, NK2)
+    _, _, ff0, fl0, _, _, ff1, fl1, _, _, ff2, fl2 = load_ranges(Inv, inv_s0, 0, inv_s2, 0, 0, 0,
+                                                                 j0, j1, j2)
     n = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2) * groups_per_kv
     return b, h_kv, b * L0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n
 
@@ -146,10 +141,9 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
         # Epilogue: this warpgroup's 64 keys (unvisited tiles store zeros).
         row_layout: gl.constexpr = gl.SliceLayout(1, acc_layout)
         rows = HALF * HALF_N + gl.arange(0, HALF_N, layout=row_layout)
-        x0 = (j0 * K0 + rows // (K1 * K2)).to(gl.int64)
-        x1 = (j1 * K1 + (rows // K2) % K1).to(gl.int64)
-        x2 = (j2 * K2 + rows % K2).to(gl.int64)
-        row_ok = gl.expand_dims((x0 < G0) & (x1 < G1) & (x2 < G2), 1)
+        _, _, _, row_ok, x0, x1, x2 = tile_tokens(j0, j1, j2, rows, 0, 0, 0, G0, G1, G2, 1, 1, 1,
+                                                  K0, K1, K2)
+        row_ok = gl.expand_dims(row_ok, 1)
         offs_d = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
         bb = b.to(gl.int64)
         hk = h_kv.to(gl.int64)
@@ -211,7 +205,7 @@ def _produce_steps(descs, bufs, bars, stats, it, steps, b, h_first, hh, row0, t0
         hh += 1
         wrap = (hh >= groups_per_kv).to(gl.int32)
         hh = hh * (1 - wrap)
-        u0, u1, u2 = _next_full_tile(t0, t1, t2, ff1, fl1, ff2, fl2)
+        u0, u1, u2 = next_full_tile(t0, t1, t2, ff1, fl1, ff2, fl2)
         t0 = t0 * (1 - wrap) + u0 * wrap
         t1 = t1 * (1 - wrap) + u1 * wrap
         t2 = t2 * (1 - wrap) + u2 * wrap
@@ -349,10 +343,8 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
         b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
         # This warpgroup's rows: log2-LSE and delta (padding rows read 0: finite, not stored).
         rows = HALF * HALF_M + gl.arange(0, HALF_M, layout=row_layout)
-        i0 = (t0 * T0 + rows // (T1 * T2)).to(gl.int64)
-        i1 = (t1 * T1 + (rows // T2) % T1).to(gl.int64)
-        i2 = (t2 * T2 + rows % T2).to(gl.int64)
-        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+        _, _, _, row_ok, i0, i1, i2 = tile_tokens(t0, t1, t2, rows, 0, 0, 0, G0, G1, G2, 1, 1, 1,
+                                                  T0, T1, T2)
         l_off = (b.to(gl.int64) * sl_b + h.to(gl.int64) * sl_h + i0 * sl_0 + i1 * sl_1
                  + i2 * sl_2)
         lse2 = gl.load(Lse + l_off, mask=row_ok, other=0.0) * _LOG2E
@@ -451,7 +443,7 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales):
         for j in range(n_first):
             _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
                      j2, h_kv)
-            j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
         mbarrier.wait(q_empty, (done & 1) ^ 1)
         coords = [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0]
@@ -462,7 +454,7 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales):
         for j in range(n_first, n):
             _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
                      j2, h_kv)
-            j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
 
 

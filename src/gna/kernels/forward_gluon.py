@@ -39,25 +39,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.runtime.jit import constexpr_function
 
+from .tiles import load_ranges, next_full_tile, split3, tile_tokens
+
 
 @constexpr_function
 def wgmma_layout(columns):
     """The layout of a wgmma accumulator of one warpgroup (64 rows) and ``columns`` columns."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                      instr_shape=[16, columns, 16])
-
-
-@gluon.jit
-def _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2):
-    """The tile after ``(j0, j1, j2)`` in the row-major order of the full box (as
-    :func:`gna.kernels.tiles.next_full_tile`, on scalars)."""
-    j2 = j2 + 1
-    wrap2 = (j2 >= fl2).to(gl.int32)
-    j2 = j2 * (1 - wrap2) + ff2 * wrap2
-    j1 = j1 + wrap2
-    wrap1 = (j1 >= fl1).to(gl.int32)
-    j1 = j1 * (1 - wrap1) + ff1 * wrap1
-    return j0 + wrap1, j1, j2
 
 
 @gluon.jit
@@ -71,15 +60,9 @@ def _work_item(item, geo):
     pid_bh = item // per_head
     b = pid_bh // heads
     h = pid_bh % heads
-    t0 = pid_t // (NT1 * NT2)
-    t1 = (pid_t // NT2) % NT1
-    t2 = pid_t % NT2
-    ff0 = gl.load(Rng + t0 * rng_s2 + 2)
-    fl0 = gl.load(Rng + t0 * rng_s2 + 3)
-    ff1 = gl.load(Rng + rng_s0 + t1 * rng_s2 + 2)
-    fl1 = gl.load(Rng + rng_s0 + t1 * rng_s2 + 3)
-    ff2 = gl.load(Rng + 2 * rng_s0 + t2 * rng_s2 + 2)
-    fl2 = gl.load(Rng + 2 * rng_s0 + t2 * rng_s2 + 3)
+    t0, t1, t2 = split3(pid_t, NT1, NT2)
+    _, _, ff0, fl0, _, _, ff1, fl1, _, _, ff2, fl2 = load_ranges(Rng, rng_s0, 0, rng_s2, 0, 0, 0,
+                                                                 t0, t1, t2)
     n = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
     return b, h, h // groups_per_kv, b * L0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n
 
@@ -173,10 +156,8 @@ def _consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, qk_scale):
         l_o = gl.convert_layout(l_i, row_layout)
         acc = acc / gl.expand_dims(l_o, 1)
         rows = HALF * HALF_M + gl.arange(0, HALF_M, layout=row_layout)
-        i0 = (t0 * T0 + rows // (T1 * T2)).to(gl.int64)
-        i1 = (t1 * T1 + (rows // T2) % T1).to(gl.int64)
-        i2 = (t2 * T2 + rows % T2).to(gl.int64)
-        row_ok = (i0 < G0) & (i1 < G1) & (i2 < G2)
+        _, _, _, row_ok, i0, i1, i2 = tile_tokens(t0, t1, t2, rows, 0, 0, 0, G0, G1, G2, 1, 1, 1,
+                                                  T0, T1, T2)
         tok = i0 * so_0 + i1 * so_1 + i2 * so_2
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         o_ptrs = (Out + b.to(gl.int64) * so_b + h.to(gl.int64) * so_h + gl.expand_dims(tok, 1)
@@ -245,7 +226,7 @@ def _produce(descs, bufs, bars, geo, outs, sched, qk_scale):
         for j in range(n_first):
             _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
                      j2, h_kv)
-            j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
         if done > 0:
             mbarrier.wait(q_empty, (done & 1) ^ 1)
@@ -255,7 +236,7 @@ def _produce(descs, bufs, bars, geo, outs, sched, qk_scale):
         for j in range(n_first, n):
             _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
                      j2, h_kv)
-            j0, j1, j2 = _next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
 
 
