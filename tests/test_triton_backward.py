@@ -429,12 +429,24 @@ GLUON_CASES = {
 }
 
 
-def _gluon_configs(q, window, stride, gluon=True):
+# Partially masked tiles: the Gluon dQ kernel masks them (the Triton kernel's masks, in its
+# order); dK/dV stays on the Triton kernel. Strided, odd windows, causal dimensions, and Q tiles
+# without a single mask-free KV tile (the causal rows, every 2-D/3-D tile here).
+GLUON_MASKED_CASES = {
+    "1d": ((4096,), (512,), (1,), False),
+    "1d-causal": ((4096,), (384,), (1,), True),
+    "2d": ((48, 64), (13, 21), (1, 1), False),
+    "3d": ((12, 16, 24), (5, 7, 9), (2, 3, 1), False),
+    "3d-causal": ((12, 16, 24), (6, 8, 8), (1, 1, 1), (True, False, False)),
+}
+
+
+def _gluon_configs(q, window, stride, gluon=True, causal=False):
     """The forward's configuration with the Gluon kernels requested, and the backward's
     ``(dq, dkdv)``: the default dQ tiles, KV-major dK/dV on 64-token Q and 128-token KV tiles
     (the default at d=128, set here for d=64 too); the Gluon kernels or, with ``gluon`` False,
     the Triton kernels on the same tiles."""
-    problem = normalize(None, q, q, q, window, stride)
+    problem = normalize(None, q, q, q, window, stride, 1, causal)
     config = dataclasses.replace(default_config(problem, Options()), gluon_block_sparse=True)
     dq, _ = backward_configs(problem.geometry, config, q.element_size(), q.shape[-1],
                              shared_limit(q.device))
@@ -473,7 +485,14 @@ def test_gluon_backward_eligibility_rules():
         assert reasons(shape, window, stride) == gpu_needed, (shape, window, stride)
         assert reasons(shape, window, stride, head_dim=64, dtype=torch.bfloat16) == gpu_needed
     partial = "some Q tiles visit partially masked KV tiles"
-    assert reasons((4096,), (512,), (1,)) == (partial, partial)
+    assert reasons((4096,), (512,), (1,)) == (gpu_needed[0], partial)  # dQ masks them
+    # Two batches: a partial KV tile past a 3-D batch's first dimension would read the next
+    # batch's keys (1-D and 2-D layouts merge a unit dimension with the batch).
+    tiles = dict(q_tile=(2, 8, 8), kv_tile=(2, 8, 8))  # dQ's KV tile: (2, 4, 8)
+    why = reasons((7, 16, 24), (5, 7, 9), (1, 1, 1), batch=2, **tiles)[0]
+    assert why.startswith("KV tiles (2, 4, 8) overhang the first dimension (7)"), why
+    assert reasons((8, 16, 24), (5, 7, 9), (1, 1, 1), batch=2, **tiles)[0] == gpu_needed[0]
+    assert reasons((4000,), (512,), (1,), batch=2)[0] == gpu_needed[0]
     assert reasons((4096,), (512,), (512,), dilation=(2,))[0] == "dilation"
     assert reasons((4096,), (512,), (512,), extra=True) == ("additional keys/values",
                                                           gpu_needed[1])
@@ -510,19 +529,21 @@ def test_gluon_backward_eligibility_rules():
     assert marked((256, 256), (80, 80), (16, 16)) == (True, True)
     assert marked((30, 48, 80), (18, 24, 24), (16, 8, 8)) == (True, True)
     assert marked((32768,), (2048,), (2048,)) == (True, True)
-    assert marked((256, 256), (80, 80), (1, 1)) == (False, False)
-    assert marked((30, 48, 80), (18, 24, 24), (1, 1, 1)) == (False, False)
+    assert marked((256, 256), (80, 80), (1, 1)) == (True, False)
+    assert marked((30, 48, 80), (18, 24, 24), (1, 1, 1)) == (True, False)
+    assert marked((32768,), (2048,), (1,)) == (True, False)
 
 
-def _gluon_grads(q, k, v, dout, window, stride, gluon=True, head_dim=None):
-    """Forward, then the fused backward with the Gluon kernels (checked to be the ones
-    launched) or the Triton kernels, on the same inputs."""
-    problem, config, configs = _gluon_configs(q, window, stride, gluon)
+def _gluon_grads(q, k, v, dout, window, stride, gluon=True, causal=False,
+                 kinds=("dq", "dkdv")):
+    """Forward, then the fused backward with the Gluon kernels of ``kinds`` (checked to be
+    the ones launched) or the Triton kernels, on the same inputs."""
+    problem, config, configs = _gluon_configs(q, window, stride, gluon, causal)
     if gluon:
         for kind, c in zip(("dq", "dkdv"), configs):
             why = triton_backward.gluon_backward_ineligible(
                 kind, q, k, v, dout, None, problem.geometry, c.q_tile, c.kv_tile, c.gluon_stages)
-            assert why is None, (kind, why)
+            assert (why is None) == (kind in kinds), (kind, why)
     out, lse = launch_forward(q, k, v, None, None, problem.geometry, problem.scale, config)
     triton_backward._BACKWARD_PLANS.clear()
     grads = launch_backward(q, k, v, None, None, out, lse, dout, None, problem.geometry,
@@ -530,25 +551,39 @@ def _gluon_grads(q, k, v, dout, window, stride, gluon=True, head_dim=None):
     (plan,) = triton_backward._BACKWARD_PLANS.values()
     names = [launch.kernel.__name__ if hasattr(launch.kernel, "__name__")
              else launch.kernel.fn.__name__ for launch in plan.launches]
-    assert any("block_sparse" in n for n in names) == gluon, names
+    launched = {kind for kind in ("dq", "dkdv") if f"{kind}_block_sparse" in " ".join(names)}
+    assert launched == (set(kinds) if gluon else set()), names
     return grads[:3]
+
+
+def _case(name):
+    """``(shape, window, stride, causal, Gluon kernels)`` of a block-sparse case (both Gluon
+    kernels) or a ``masked-`` one (the Gluon dQ)."""
+    if name in GLUON_CASES:
+        return (*GLUON_CASES[name], False, ("dq", "dkdv"))
+    return (*GLUON_MASKED_CASES[name.removeprefix("masked-")], ("dq",))
+
+
+ALL_GLUON_CASES = list(GLUON_CASES) + [f"masked-{name}" for name in GLUON_MASKED_CASES]
 
 
 @gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", list(GLUON_CASES))
+@pytest.mark.parametrize("case", ALL_GLUON_CASES)
 def test_gluon_backward_matches_reference_gpu(case, dtype, head_dim):
     """Two batches, GQA (4 query heads on 2 KV heads): dQ, dK, dV against float64."""
-    shape, window, stride = GLUON_CASES[case]
+    shape, window, stride, causal, kinds = _case(case)
     g = torch.Generator().manual_seed(17)
     q = torch.randn(2, *shape, 4, head_dim, generator=g)
     k, v = (torch.randn(2, *shape, 2, head_dim, generator=g) for _ in range(2))
     dout = torch.randn(2, *shape, 4, head_dim, generator=g)
-    grads = _gluon_grads(*(t.to("cuda", dtype) for t in (q, k, v, dout)), window, stride)
+    grads = _gluon_grads(*(t.to("cuda", dtype) for t in (q, k, v, dout)), window, stride,
+                         causal=causal, kinds=kinds)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    out = gna.neighborhood_attention(*leaves, window, stride, backend="reference")
+    out = gna.neighborhood_attention(*leaves, window, stride, is_causal=causal,
+                                     backend="reference")
     refs = torch.autograd.grad((out * dout.double()).sum(), leaves)
     for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
         rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
@@ -557,17 +592,18 @@ def test_gluon_backward_matches_reference_gpu(case, dtype, head_dim):
 
 @gpu
 @pytest.mark.hopper
-@pytest.mark.parametrize("case", ["1d", "2d", "3d"])
+@pytest.mark.parametrize("case", ["1d", "2d", "3d"] + ALL_GLUON_CASES[len(GLUON_CASES):])
 def test_gluon_backward_equals_triton_kernels_gpu(case):
-    """Same arithmetic in the same order as the Triton kernels on the same tiles: bit-identical
-    dQ, dK, dV, here on views of a fused qkv tensor (strided heads) with GQA."""
-    shape, window, stride = GLUON_CASES[case]
+    """Same arithmetic in the same order as the Triton kernels on the same tiles (partial
+    tiles masked alike): bit-identical dQ, dK, dV, here on views of a fused qkv tensor
+    (strided heads) with GQA."""
+    shape, window, stride, causal, kinds = _case(case)
     g = torch.Generator(device="cuda").manual_seed(18)
     qkv = torch.randn(1, *shape, 4 + 2 + 2, 128, device="cuda", dtype=torch.float16, generator=g)
     q, k, v = qkv.split([4, 2, 2], dim=-2)
     dout = torch.randn(1, *shape, 4, 128, device="cuda", dtype=torch.float16, generator=g)
-    gluon = _gluon_grads(q, k, v, dout, window, stride)
-    tri = _gluon_grads(q, k, v, dout, window, stride, gluon=False)
+    gluon = _gluon_grads(q, k, v, dout, window, stride, causal=causal, kinds=kinds)
+    tri = _gluon_grads(q, k, v, dout, window, stride, gluon=False, causal=causal)
     for name, a, b in zip(("dq", "dk", "dv"), gluon, tri):
         assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
 

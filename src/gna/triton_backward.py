@@ -364,11 +364,10 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
         return f"needs 64-token Q and 128-token KV tiles, got {q_tile}/{kv_tile}"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
-    visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
-    if (visited != full).any():
-        return "some Q tiles visit partially masked KV tiles"
-    if kind == "dq" and full.min() < 1:
-        return "some Q tile visits no KV tile"
+    if kind == "dkdv":
+        visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
+        if (visited != full).any():
+            return "some Q tiles visit partially masked KV tiles"
     return None
 
 
@@ -376,12 +375,13 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
                               q_tile: tuple, kv_tile: tuple, stages: int = 4) -> str | None:
     """Why the Gluon block-sparse ``kind`` kernel (``"dq"`` or ``"dkdv"``, see
     :mod:`gna.kernels.backward_gluon`) cannot run this call with these tiles, or None if it
-    can: Hopper, fp16/bf16, head dims 64 and 128, no dilation, every visited (Q tile, KV tile)
-    pair mask-free, q, k, v, dout readable through 5-D tensor descriptors (see
-    :func:`gna.triton_backend.gluon_block_sparse_ineligible`) and a ring of ``stages`` slots
-    that fits shared memory. dQ also needs 128-token Q tiles, 64- or 128-token KV tiles, at
-    least one KV tile per Q tile and no additional keys (whose dQ the Triton kernel adds in
-    the same loop); dK/dV 64-token Q tiles and 128-token KV tiles, and Q tiles that do not
+    can: Hopper, fp16/bf16, head dims 64 and 128, no dilation, q, k, v, dout readable through
+    5-D tensor descriptors (see :func:`gna.triton_backend.gluon_block_sparse_ineligible`) and
+    a ring of ``stages`` slots that fits shared memory. dQ also needs 128-token Q tiles, 64- or
+    128-token KV tiles, no additional keys (whose dQ the Triton kernel adds in the same loop)
+    and, with two batches or more, KV tiles that do not overhang a batch's first dimension; it
+    masks partial KV tiles as the Triton kernel does. dK/dV needs every visited (Q tile, KV
+    tile) pair mask-free, 64-token Q tiles and 128-token KV tiles, and Q tiles that do not
     overhang a batch's first dimension (a Q box past it would read the next batch's queries,
     which the dK/dV sums would take in)."""
     q_tile, kv_tile = _pad3(q_tile, 1), _pad3(kv_tile, 1)
@@ -396,6 +396,11 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
     geo3 = _plan(geo, q_tile, kv_tile).geo3
     if kind == "dkdv" and q.shape[0] > 1 and geo3.shape[0] % q_tile[0]:
         return f"Q tiles {q_tile} overhang the first dimension ({geo3.shape[0]}) of a batch"
+    if kind == "dq" and q.shape[0] > 1 and geo3.shape[0] % kv_tile[0]:
+        # A partial KV box past a batch's first dimension would read the next batch's keys
+        # (masked, but 0 * inf there would still be NaN); past the tensor's end, and in the
+        # other dimensions, the copy engine reads zeros.
+        return f"KV tiles {kv_tile} overhang the first dimension ({geo3.shape[0]}) of a batch"
     why = gluon_device_ineligible((q, k, v, dout), geo3, geo.ndim)
     if why:
         return why
@@ -445,27 +450,28 @@ def _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, stat_strid
 
 
 def _plan_gluon_dq(q, k, v, dout, dq, geo, c: KernelConfig, l_strides, qk_scale,
-                   scale) -> tuple[_Launch, torch.Tensor]:
-    """The dQ launch and its KV range table (the forward's, for the dQ kernel's tiles)."""
+                   scale) -> tuple[_Launch, torch.Tensor, torch.Tensor]:
+    """The dQ launch and its window and KV range tables (the forward's, for the dQ kernel's
+    tiles)."""
     from .kernels.backward_gluon import gna_backward_dq_block_sparse_kernel
 
     ndim = geo.ndim
     batch, heads, heads_kv = q.shape[0], q.shape[-2], k.shape[-2]
     plan = _plan(geo, c.q_tile, c.kv_tile)
-    _, rng = _device_tables(plan, q.device)
+    win, rng = _device_tables(plan, q.device)
     descriptors = _gluon_descriptors(
         (("q", q, plan.q_tile), ("dout", dout, plan.q_tile), ("k", k, plan.kv_tile),
          ("v", v, plan.kv_tile)), plan.geo3, ndim)
     num_items = math.prod(plan.n_tiles) * batch * heads
     programs = min(num_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
     scalars = (*_strides(dq, ndim), *l_strides, *plan.geo3.shape[:1], *plan.geo3.shape,
-               *plan.n_tiles, rng.stride(0), rng.stride(2), heads, heads // heads_kv,
-               qk_scale, scale, num_items)
+               *plan.n_tiles, rng.stride(0), rng.stride(2), win.stride(0), win.stride(2),
+               heads, heads // heads_kv, qk_scale, scale, num_items)
     regs = _GLUON_REGS["dq"]
     return _Launch(gna_backward_dq_block_sparse_kernel, (programs, 1, 1),
-                   ("dq", "lse", "delta", "rng"), scalars,
+                   ("dq", "lse", "delta", "rng", "win_dq"), scalars,
                    dict(STAGES=c.gluon_stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1]),
-                   _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG), rng
+                   _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG), win, rng
 
 
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
@@ -643,8 +649,8 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     c = dq_config
     if c.gluon and gluon_backward_ineligible("dq", q, k, v, dout, extra_k, geo, c.q_tile,
                                              c.kv_tile, c.gluon_stages) is None:
-        launch, tables["rng"] = _plan_gluon_dq(q, k, v, dout, dq, geo, c, l_strides,
-                                               qk_scale, scale)
+        launch, tables["win_dq"], tables["rng"] = _plan_gluon_dq(q, k, v, dout, dq, geo, c,
+                                                                 l_strides, qk_scale, scale)
         launches.append(launch)
     else:
         _, _, extra_strides, num_extra = extra_args(k, v, extra_k, extra_v)

@@ -1,6 +1,6 @@
 """Persistent, warp-specialized GNA backward kernels for perfectly block-sparse problems
 (Gluon, Hopper): dK/dV and dQ, in the style of the block-sparse forward
-(:mod:`gna.kernels.forward_gluon`).
+(:mod:`gna.kernels.forward_gluon`); dQ also for problems with partially masked tiles.
 
 Where every (Q tile, KV tile) pair the iteration visits is mask-free, the backward's loops are
 FlashAttention-2's with no masking at all, and what limits the Triton kernels
@@ -35,7 +35,13 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   GEMMs are issued, and the ``exp2`` of ``P`` runs while the ``dP`` GEMM does. (ptxas scheduled
   the ``dP`` wait above the ``exp2``; a second wait on an mbarrier already waited on, a loop it
   does not move code across, keeps them in order: -10 to -13% dQ time, session 7 of
-  ``benchmarks/NOTES.md``.)
+  ``benchmarks/NOTES.md``.) The dQ kernel also takes problems with partially masked KV tiles
+  (stride 1, causal): after an item's mask-free tiles it visits the partial ones in the Triton
+  dQ kernel's order, masking each row's scores outside its key window (``_mask_partial``), so
+  its dQ is still the Triton kernel's bit for bit (tested); the mask sits between the scores
+  and the ``exp2``, while the ``dP`` GEMM runs. Measured against the Triton dQ on the
+  benchmark's stride-1 rows (H200, fp16, d=128, session 8): 1-D w2048 0.108 -> 0.095 ms, 2-D
+  w80 16.4 -> 14.6 ms, 3-D w18x24x24 84.5 -> 76.9 ms.
 
 Which problems qualify: :func:`gna.triton_backward.gluon_backward_ineligible`.
 """
@@ -45,8 +51,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-from .forward_gluon import _copy_kv, _work_item, wgmma_layout
-from .tiles import load_ranges, next_full_tile, split3, tile_tokens
+from .forward_gluon import _copy_kv, wgmma_layout
+from .tiles import (in_window, load_ranges, load_windows, next_full_tile, partial_count,
+                    partial_tile, split3, tile_coords, tile_tokens)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -304,7 +311,104 @@ def gna_backward_dkdv_block_sparse_kernel(
 # --- dQ -----------------------------------------------------------------------------------
 
 @gluon.jit
-def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales):
+def _dq_item(item, geo):
+    """Batch, head, KV head, first descriptor row of the batch and Q tile coordinates of work
+    item ``item`` (Q tiles fastest, then heads, then batches, as the Triton kernel's grid; the
+    forward's ``_work_item``), the tile's visited and mask-free KV boxes (``load_ranges``'
+    twelve values) and its numbers of mask-free and of partial KV tiles (the Triton dQ
+    kernel's two loops, in their order)."""
+    Rng, rng_s0, rng_s2, L0, NT0, NT1, NT2, heads, groups_per_kv, G0, G1, G2 = geo
+    per_head = NT0 * NT1 * NT2
+    pid_t = item % per_head
+    pid_bh = item // per_head
+    b = pid_bh // heads
+    h = pid_bh % heads
+    t0, t1, t2 = split3(pid_t, NT1, NT2)
+    box = load_ranges(Rng, rng_s0, 0, rng_s2, 0, 0, 0, t0, t1, t2)
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
+    n_part = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    return b, h, h // groups_per_kv, b * L0, t0, t1, t2, box, n_full, n_part
+
+
+@gluon.jit
+def _row_windows(wins, i0, i1, i2, row_ok):
+    """Each row's key window per dimension (``load_windows``, no dilation); rows outside the
+    layout get empty windows."""
+    Win, win_s0, win_s2 = wins
+    return load_windows(Win, win_s0, 0, win_s2, 0, 0, 0, i0, i1, i2, row_ok)
+
+
+@gluon.jit
+def _mask_partial(sl, m, box, windows, K0: gl.constexpr, K1: gl.constexpr, K2: gl.constexpr):
+    """Scores ``sl`` ([rows, keys], a wgmma layout) of the item's ``m``-th partial KV tile
+    (``partial_tile``'s order, the Triton kernel's) with the keys outside each row's window
+    at -inf."""
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    j0, j1, j2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    cols = gl.arange(0, K0 * K1 * K2, layout=gl.SliceLayout(0, sl.type.layout))
+    kx0, kx1, kx2 = tile_coords(j0, j1, j2, cols, K0, K1, K2)
+    ws0, we0, ws1, we1, ws2, we2 = windows
+    seen = in_window(gl.expand_dims(kx0, 0), gl.expand_dims(kx1, 0), gl.expand_dims(kx2, 0),
+                     gl.expand_dims(ws0, 1), gl.expand_dims(we0, 1), gl.expand_dims(ws1, 1),
+                     gl.expand_dims(we1, 1), gl.expand_dims(ws2, 1), gl.expand_dims(we2, 1))
+    return gl.where(seen, sl, float("-inf"))
+
+
+@gluon.jit
+def _kv_tile_at(t, n_full, j0, j1, j2, box):
+    """Coordinates of an item's ``t``-th KV tile: the mask-free walk's current tile ``(j0,
+    j1, j2)`` while ``t < n_full``, then the partial tiles in ``partial_tile``'s order."""
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    p0, p1, p2 = partial_tile(t - n_full, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    full = t < n_full
+    return gl.where(full, j0, p0), gl.where(full, j1, p1), gl.where(full, j2, p2)
+
+
+@gluon.jit
+def _dq_step(MASKED: gl.constexpr, q, do, bufs, bars, it, prev, dq, ds16, s_zero, lse2,
+             delta, qk_scale, m, box, windows):
+    """One KV tile of a consumer's dQ loop after the first: its scores and dP GEMMs, then
+    (retiring the previous tile's ``dS K``) ``P``, masked for the item's ``m``-th partial
+    tile if ``MASKED``, ``dS``, and this tile's ``dS K`` left in flight."""
+    k_smem = bufs[2]
+    v_smem = bufs[3]
+    k_full = bars[2]
+    v_full = bars[3]
+    kv_empty = bars[4]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    K0: gl.constexpr = k_smem.type.shape[1]
+    K1: gl.constexpr = k_smem.type.shape[2]
+    K2: gl.constexpr = k_smem.type.shape[3]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[5]
+    BLOCK_N: gl.constexpr = K0 * K1 * K2
+    slot = it % STAGES
+    phase = (it // STAGES) & 1
+    k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+    v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
+    mbarrier.wait(k_full.index(slot), phase)
+    s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(v_full.index(slot), phase)
+    dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s, dq, ds16 = warpgroup_mma_wait(1, deps=[s, dq, ds16])
+    mbarrier.arrive(kv_empty.index(prev), count=1)  # the previous dS K is done
+    sl = s * qk_scale - gl.expand_dims(lse2, 1)
+    if MASKED:
+        sl = _mask_partial(sl, m, box, windows, K0, K1, K2)
+    p = gl.exp2(sl)
+    # V was waited on already; waiting again is a loop ptxas does not move code across,
+    # which keeps the exp2 above the next wait (else scheduled after it, no overlap with the
+    # dP GEMM).
+    mbarrier.wait(v_full.index(slot), phase)
+    dp = warpgroup_mma_wait(0, deps=[dp])
+    ds = p * (dp - gl.expand_dims(delta, 1))
+    ds16 = gl.convert_layout(ds.to(k.dtype), ds16.type.layout)
+    dq = warpgroup_mma(ds16, k, dq, is_async=True)
+    return dq, ds16, slot, it + 1
+
+
+@gluon.jit
+def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales, wins):
     """Consumer warpgroup ``HALF``: rows ``[64 * HALF, 64 * HALF + 64)`` of every Q tile."""
     q_desc, do_desc, k_desc, v_desc = descs
     q_smem, do_smem, k_smem, v_smem = bufs
@@ -340,7 +444,7 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
     it = 0  # KV tiles consumed so far, over all work items: the ring's slot and phase
     done = 0  # work items finished: Q's phase
     for item in range(first_item, num_items, num_programs):
-        b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
+        b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(item, geo)
         # This warpgroup's rows: log2-LSE and delta (padding rows read 0: finite, not stored).
         rows = HALF * HALF_M + gl.arange(0, HALF_M, layout=row_layout)
         _, _, _, row_ok, i0, i1, i2 = tile_tokens(t0, t1, t2, rows, 0, 0, 0, G0, G1, G2, 1, 1, 1,
@@ -351,7 +455,8 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
         delta = gl.load(Delta + l_off, mask=row_ok, other=0.0)
         mbarrier.wait(q_full, done & 1)
 
-        # First KV tile: its dS K stays in flight while the next scores are issued.
+        # First KV tile (partial only if the item has no mask-free one): its dS K stays in
+        # flight while the next scores are issued.
         slot = it % STAGES
         phase = (it // STAGES) & 1
         k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
@@ -361,7 +466,10 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
         mbarrier.wait(v_full.index(slot), phase)
         dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s])
-        p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+        sl = s * qk_scale - gl.expand_dims(lse2, 1)
+        if n_full == 0:
+            sl = _mask_partial(sl, 0, box, _row_windows(wins, i0, i1, i2, row_ok), K0, K1, K2)
+        p = gl.exp2(sl)
         mbarrier.wait(v_full.index(slot), phase)  # done already: keeps the exp2 above the wait
         dp = warpgroup_mma_wait(0, deps=[dp])
         ds = p * (dp - gl.expand_dims(delta, 1))
@@ -370,28 +478,15 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
                            use_acc=False, is_async=True)
         prev = slot
         it += 1
-        for j in range(1, n):
-            slot = it % STAGES
-            phase = (it // STAGES) & 1
-            k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            v = v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM])
-            mbarrier.wait(k_full.index(slot), phase)
-            s = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_full.index(slot), phase)
-            dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s, dq, ds16 = warpgroup_mma_wait(1, deps=[s, dq, ds16])
-            mbarrier.arrive(kv_empty.index(prev), count=1)  # the previous dS K is done
-            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
-            # V was waited on already; waiting again is a loop ptxas does not move code across,
-            # which keeps the exp2 above the next wait (else scheduled after it, no overlap
-            # with the dP GEMM).
-            mbarrier.wait(v_full.index(slot), phase)
-            dp = warpgroup_mma_wait(0, deps=[dp])
-            ds = p * (dp - gl.expand_dims(delta, 1))
-            ds16 = gl.convert_layout(ds.to(dtype), op_layout)
-            dq = warpgroup_mma(ds16, k, dq, is_async=True)
-            prev = slot
-            it += 1
+        # The other mask-free tiles, then the partial ones with each row's window.
+        for j in range(1, n_full):
+            dq, ds16, prev, it = _dq_step(False, q, do, bufs, bars, it, prev, dq, ds16, s_zero,
+                                          lse2, delta, qk_scale, 0, box, box)
+        windows = _row_windows(wins, i0, i1, i2, row_ok)
+        n = n_full + n_part
+        for j in range(gl.maximum(n_full, 1), n):
+            dq, ds16, prev, it = _dq_step(True, q, do, bufs, bars, it, prev, dq, ds16, s_zero,
+                                          lse2, delta, qk_scale, j - n_full, box, windows)
         dq, ds16 = warpgroup_mma_wait(0, deps=[dq, ds16])
         mbarrier.arrive(kv_empty.index(prev), count=1)
         # Done with this Q tile: the producer loads the next one during the epilogue.
@@ -409,19 +504,19 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales)
 
 
 @gluon.jit
-def _dq_consume_rows_0_63(descs, bufs, bars, geo, outs, sched, scales):
-    _dq_consume(0, descs, bufs, bars, geo, outs, sched, scales)
+def _dq_consume_rows_0_63(descs, bufs, bars, geo, outs, sched, scales, wins):
+    _dq_consume(0, descs, bufs, bars, geo, outs, sched, scales, wins)
 
 
 @gluon.jit
-def _dq_consume_rows_64_127(descs, bufs, bars, geo, outs, sched, scales):
-    _dq_consume(1, descs, bufs, bars, geo, outs, sched, scales)
+def _dq_consume_rows_64_127(descs, bufs, bars, geo, outs, sched, scales, wins):
+    _dq_consume(1, descs, bufs, bars, geo, outs, sched, scales, wins)
 
 
 @gluon.jit
-def _dq_produce(descs, bufs, bars, geo, outs, sched, scales):
-    """Producer warp: Q and dO, then the K/V tiles of every work item, in the consumers'
-    order."""
+def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
+    """Producer warp: Q and dO, then the K/V tiles of every work item (mask-free, then
+    partial), in the consumers' order."""
     q_desc, do_desc, k_desc, v_desc = descs
     q_smem, do_smem, k_smem, v_smem = bufs
     q_full, q_empty, k_full, v_full, kv_empty = bars
@@ -433,16 +528,22 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales):
     it = 0
     done = 0
     for item in range(first_item, num_items, num_programs):
-        b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
-        j0 = ff0
+        b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(item, geo)
+        ff1 = box[6]
+        fl1 = box[7]
+        ff2 = box[10]
+        fl2 = box[11]
+        j0 = box[2]
         j1 = ff1
         j2 = ff2
+        n = n_full + n_part
         # The first K/V tiles go before Q/dO: their slots free up while the consumers are
         # still on the previous item, whose Q and dO they hold until its last GEMMs.
         n_first = gl.minimum(n, STAGES)
-        for j in range(n_first):
-            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
-                     j2, h_kv)
+        for t in range(n_first):
+            c0, c1, c2 = _kv_tile_at(t, n_full, j0, j1, j2, box)
+            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, c0, c1,
+                     c2, h_kv)
             j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
         mbarrier.wait(q_empty, (done & 1) ^ 1)
@@ -451,18 +552,19 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales):
         tma.async_copy_global_to_shared(q_desc, coords, q_full, q_smem)
         tma.async_copy_global_to_shared(do_desc, coords, q_full, do_smem)
         done += 1
-        for j in range(n_first, n):
-            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, j0, j1,
-                     j2, h_kv)
+        for t in range(n_first, n):
+            c0, c1, c2 = _kv_tile_at(t, n_full, j0, j1, j2, box)
+            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, c0, c1,
+                     c2, h_kv)
             j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
             it += 1
 
 
 @gluon.jit
 def gna_backward_dq_block_sparse_kernel(
-    dQ, Lse, Delta, Rng, q_desc, do_desc, k_desc, v_desc,
+    dQ, Lse, Delta, Rng, Win, q_desc, do_desc, k_desc, v_desc,
     sdq_b, sdq_0, sdq_1, sdq_2, sdq_h, sl_b, sl_0, sl_1, sl_2, sl_h,
-    L0, G0, G1, G2, NT0, NT1, NT2, rng_s0, rng_s2,
+    L0, G0, G1, G2, NT0, NT1, NT2, rng_s0, rng_s2, win_s0, win_s2,
     heads, groups_per_kv, qk_scale, scale, num_items,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
@@ -494,7 +596,7 @@ def gna_backward_dq_block_sparse_kernel(
     geo = (Rng, rng_s0, rng_s2, L0, NT0, NT1, NT2, heads, groups_per_kv, G0, G1, G2)
     outs = (dQ, Lse, Delta, sdq_b, sdq_0, sdq_1, sdq_2, sdq_h, sl_b, sl_0, sl_1, sl_2, sl_h)
     sched = (gl.program_id(0), num_items, gl.num_programs(0))
-    args = (descs, bufs, bars, geo, outs, sched, (qk_scale, scale))
+    args = (descs, bufs, bars, geo, outs, sched, (qk_scale, scale), (Win, win_s0, win_s2))
     gl.warp_specialize([
         (_dq_consume_rows_0_63, args),
         (_dq_consume_rows_64_127, args),
