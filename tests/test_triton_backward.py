@@ -556,7 +556,7 @@ def _gluon_grads(q, k, v, dout, window, stride, gluon=True, causal=False,
     return grads[:3]
 
 
-def _case(name):
+def _gluon_case(name):
     """``(shape, window, stride, causal, Gluon kernels)`` of a block-sparse case (both Gluon
     kernels) or a ``masked-`` one (the Gluon dQ)."""
     if name in GLUON_CASES:
@@ -574,7 +574,7 @@ ALL_GLUON_CASES = list(GLUON_CASES) + [f"masked-{name}" for name in GLUON_MASKED
 @pytest.mark.parametrize("case", ALL_GLUON_CASES)
 def test_gluon_backward_matches_reference_gpu(case, dtype, head_dim):
     """Two batches, GQA (4 query heads on 2 KV heads): dQ, dK, dV against float64."""
-    shape, window, stride, causal, kinds = _case(case)
+    shape, window, stride, causal, kinds = _gluon_case(case)
     g = torch.Generator().manual_seed(17)
     q = torch.randn(2, *shape, 4, head_dim, generator=g)
     k, v = (torch.randn(2, *shape, 2, head_dim, generator=g) for _ in range(2))
@@ -597,7 +597,7 @@ def test_gluon_backward_equals_triton_kernels_gpu(case):
     """Same arithmetic in the same order as the Triton kernels on the same tiles (partial
     tiles masked alike): bit-identical dQ, dK, dV, here on views of a fused qkv tensor
     (strided heads) with GQA."""
-    shape, window, stride, causal, kinds = _case(case)
+    shape, window, stride, causal, kinds = _gluon_case(case)
     g = torch.Generator(device="cuda").manual_seed(18)
     qkv = torch.randn(1, *shape, 4 + 2 + 2, 128, device="cuda", dtype=torch.float16, generator=g)
     q, k, v = qkv.split([4, 2, 2], dim=-2)
