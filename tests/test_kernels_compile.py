@@ -10,6 +10,7 @@ which is what a call with unit sizes, one tile or one head gets on the GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -171,6 +172,7 @@ def test_kernel_compiles_for_hopper_with_unit_sizes(case):
     assert done.returncode == 0, f"{case} does not compile for sm_90:\n{done.stderr[-3000:]}"
 
 
+@functools.lru_cache(maxsize=None)
 def _sass_opcodes(case: str) -> list[str]:
     """The sm_90 SASS of a Gluon case, one ``OPCODE operands`` string per instruction
     (compiled in a fresh process, disassembled with the cuobjdump Triton ships)."""
@@ -196,6 +198,16 @@ def test_gluon_kernels_keep_wgmma_asynchronous(case):
     ops = _sass_opcodes(case)
     hgmma, waits = _count(ops, "HGMMA"), _count(ops, "WARPGROUP.DEPBAR")
     assert hgmma >= 3 * waits, f"{case}: {hgmma} HGMMA, {waits} waits"
+
+
+@pytest.mark.parametrize("case", list(GLUON_CASES))
+def test_gluon_kernels_feed_register_operands_unswapped(case):
+    # A P (or dS) tile goes from the softmax's registers into the next GEMM as packed. In a
+    # variant of the forward whose P tile was carried from one loop into another (session 8,
+    # partially masked tiles), ptxas swapped the two halves of all 32 P registers before every
+    # P V GEMM (PRMT ... 0x5432, 128 in the kernel) and the block-sparse rows ran 7-17% slower.
+    swaps = [op for op in _sass_opcodes(case) if op.startswith("PRMT") and "0x5432" in op]
+    assert not swaps, f"{case}: {len(swaps)} register half-swaps, e.g. {swaps[0]}"
 
 
 def test_gluon_dq_runs_exp2_while_dp_gemm_runs():
