@@ -51,7 +51,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-from .forward_gluon import _copy_kv, wgmma_layout
+from .forward_gluon import _copy_kv, _work_item, wgmma_layout
 from .tiles import (in_window, load_ranges, load_windows, next_full_tile, partial_count,
                     partial_tile, split3, tile_coords, tile_tokens)
 
@@ -312,23 +312,14 @@ def gna_backward_dkdv_block_sparse_kernel(
 
 @gluon.jit
 def _dq_item(item, geo):
-    """Batch, head, KV head, first descriptor row of the batch and Q tile coordinates of work
-    item ``item`` (Q tiles fastest, then heads, then batches, as the Triton kernel's grid; the
-    forward's ``_work_item``), the tile's visited and mask-free KV boxes (``load_ranges``'
-    twelve values) and its numbers of mask-free and of partial KV tiles (the Triton dQ
-    kernel's two loops, in their order)."""
-    Rng, rng_s0, rng_s2, L0, NT0, NT1, NT2, heads, groups_per_kv, G0, G1, G2 = geo
-    per_head = NT0 * NT1 * NT2
-    pid_t = item % per_head
-    pid_bh = item // per_head
-    b = pid_bh // heads
-    h = pid_bh % heads
-    t0, t1, t2 = split3(pid_t, NT1, NT2)
-    box = load_ranges(Rng, rng_s0, 0, rng_s2, 0, 0, 0, t0, t1, t2)
+    """The forward's work item (``_work_item``: batch, head, KV head, first descriptor row, Q
+    tile coordinates, visited and mask-free KV boxes) and its numbers of mask-free and of
+    partial KV tiles (the Triton dQ kernel's two loops, in their order)."""
+    b, h, h_kv, row0, t0, t1, t2, box = _work_item(item, geo)
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
     n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
     n_part = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
-    return b, h, h // groups_per_kv, b * L0, t0, t1, t2, box, n_full, n_part
+    return b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part
 
 
 @gluon.jit

@@ -51,9 +51,9 @@ def wgmma_layout(columns):
 
 @gluon.jit
 def _work_item(item, geo):
-    """Batch, head, KV head, first descriptor row of the batch, Q tile coordinates and the
-    mask-free KV box ``[ff, fl)`` per dimension of work item ``item`` (Q tiles fastest, then
-    heads, then batches, as the Triton kernel's grid), and its number of KV tiles."""
+    """Batch, head, KV head, first descriptor row of the batch and Q tile coordinates of work
+    item ``item`` (Q tiles fastest, then heads, then batches, as the Triton kernel's grid), and
+    the tile's visited and mask-free KV boxes per dimension (``load_ranges``' twelve values)."""
     Rng, rng_s0, rng_s2, L0, NT0, NT1, NT2, heads, groups_per_kv, G0, G1, G2 = geo
     per_head = NT0 * NT1 * NT2
     pid_t = item % per_head
@@ -61,10 +61,16 @@ def _work_item(item, geo):
     b = pid_bh // heads
     h = pid_bh % heads
     t0, t1, t2 = split3(pid_t, NT1, NT2)
-    _, _, ff0, fl0, _, _, ff1, fl1, _, _, ff2, fl2 = load_ranges(Rng, rng_s0, 0, rng_s2, 0, 0, 0,
-                                                                 t0, t1, t2)
-    n = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
-    return b, h, h // groups_per_kv, b * L0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n
+    box = load_ranges(Rng, rng_s0, 0, rng_s2, 0, 0, 0, t0, t1, t2)
+    return b, h, h // groups_per_kv, b * L0, t0, t1, t2, box
+
+
+@gluon.jit
+def _full_box(box):
+    """The mask-free part of a ``load_ranges`` box: ``ff0, ff1, fl1, ff2, fl2`` (what walking
+    it with ``next_full_tile`` needs) and its number of tiles."""
+    _, _, ff0, fl0, _, _, ff1, fl1, _, _, ff2, fl2 = box
+    return ff0, ff1, fl1, ff2, fl2, (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
 
 
 @gluon.jit
@@ -100,7 +106,8 @@ def _consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, qk_scale):
     it = 0  # KV tiles consumed so far, over all work items: the ring's slot and phase
     done = 0  # work items finished: Q's phase
     for item in range(first_item, num_items, num_programs):
-        b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
+        b, h, h_kv, row0, t0, t1, t2, box = _work_item(item, geo)
+        ff0, ff1, fl1, ff2, fl2, n = _full_box(box)
         acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
         mbarrier.wait(q_full, done & 1)
 
@@ -210,7 +217,8 @@ def _produce(descs, bufs, bars, geo, outs, sched, qk_scale):
     it = 0
     done = 0
     for item in range(first_item, num_items, num_programs):
-        b, h, h_kv, row0, t0, t1, t2, ff0, ff1, fl1, ff2, fl2, n = _work_item(item, geo)
+        b, h, h_kv, row0, t0, t1, t2, box = _work_item(item, geo)
+        ff0, ff1, fl1, ff2, fl2, n = _full_box(box)
         j0 = ff0
         j1 = ff1
         j2 = ff2
