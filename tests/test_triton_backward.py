@@ -47,6 +47,7 @@ from gna.triton_backward import (  # noqa: E402
     launch_backward,
     refused_dkdv,
 )
+from oracle import capture_graph  # noqa: E402
 
 REL_BOUND = {"fp32": 1e-5, "tf32": 1e-2, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRADS = ("dq", "dk", "dv", "dextra_k", "dextra_v")
@@ -646,14 +647,7 @@ def test_gluon_backward_cuda_graph_gpu():
 
     step()
     eager = [t.grad.clone() for t in leaves]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
     for t in leaves:
         t.grad.zero_()
     graph.replay()

@@ -21,6 +21,7 @@ from gna.args import normalize
 from gna.backends import Options
 from gna.triton_backend import LaunchConfig, count_tiles, default_config, launch_forward
 from gna import triton_backend
+from oracle import capture_graph
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -380,14 +381,7 @@ def _check_cuda_graph(shape, head_dim, **kw):
     q, k, v = (torch.randn(1, *shape, 2, head_dim, device="cuda", dtype=torch.float16)
                for _ in range(3))
     expected = gna.na3d(q, k, v, **kw)  # warm-up: compiles the kernel and caches tables
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        gna.na3d(q, k, v, **kw)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gna.na3d(q, k, v, **kw)
+    graph, out = capture_graph(lambda: gna.na3d(q, k, v, **kw))
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
