@@ -430,15 +430,16 @@ GLUON_CASES = {
 }
 
 
-# Partially masked tiles: the Gluon dQ kernel masks them (the Triton kernel's masks, in its
-# order); dK/dV stays on the Triton kernel. Strided, odd windows, causal dimensions, and Q tiles
-# without a single mask-free KV tile (the causal rows, every 2-D/3-D tile here).
+# Partially masked tiles: the Gluon kernels mask them (the Triton kernels' masks, in their
+# order). Strided, odd windows, causal dimensions, and Q tiles without a single mask-free KV
+# tile (the causal rows, every 2-D/3-D tile here); last, the Gluon kernels that take the case
+# (dK/dV needs 128-token KV tiles).
 GLUON_MASKED_CASES = {
-    "1d": ((4096,), (512,), (1,), False),
-    "1d-causal": ((4096,), (384,), (1,), True),
-    "2d": ((48, 64), (13, 21), (1, 1), False),
-    "3d": ((12, 16, 24), (5, 7, 9), (2, 3, 1), False),
-    "3d-causal": ((12, 16, 24), (6, 8, 8), (1, 1, 1), (True, False, False)),
+    "1d": ((4096,), (512,), (1,), False, ("dq", "dkdv")),
+    "1d-causal": ((4096,), (384,), (1,), True, ("dq", "dkdv")),
+    "2d": ((48, 64), (13, 21), (1, 1), False, ("dq", "dkdv")),
+    "3d": ((12, 16, 24), (5, 7, 9), (2, 3, 1), False, ("dq",)),
+    "3d-causal": ((12, 16, 24), (6, 8, 8), (1, 1, 1), (True, False, False), ("dq",)),
 }
 
 
@@ -485,8 +486,7 @@ def test_gluon_backward_eligibility_rules():
     for shape, window, stride in GLUON_CASES.values():
         assert reasons(shape, window, stride) == gpu_needed, (shape, window, stride)
         assert reasons(shape, window, stride, head_dim=64, dtype=torch.bfloat16) == gpu_needed
-    partial = "some Q tiles visit partially masked KV tiles"
-    assert reasons((4096,), (512,), (1,)) == (gpu_needed[0], partial)  # dQ masks them
+    assert reasons((4096,), (512,), (1,)) == gpu_needed  # both mask partial tiles
     # Two batches: a partial KV tile past a 3-D batch's first dimension would read the next
     # batch's keys (1-D and 2-D layouts merge a unit dimension with the batch).
     tiles = dict(q_tile=(2, 8, 8), kv_tile=(2, 8, 8))  # dQ's KV tile: (2, 4, 8)
@@ -530,9 +530,9 @@ def test_gluon_backward_eligibility_rules():
     assert marked((256, 256), (80, 80), (16, 16)) == (True, True)
     assert marked((30, 48, 80), (18, 24, 24), (16, 8, 8)) == (True, True)
     assert marked((32768,), (2048,), (2048,)) == (True, True)
-    assert marked((256, 256), (80, 80), (1, 1)) == (True, False)
-    assert marked((30, 48, 80), (18, 24, 24), (1, 1, 1)) == (True, False)
-    assert marked((32768,), (2048,), (1,)) == (True, False)
+    assert marked((256, 256), (80, 80), (1, 1)) == (True, True)
+    assert marked((30, 48, 80), (18, 24, 24), (1, 1, 1)) == (True, False)  # 32-token Q tiles
+    assert marked((32768,), (2048,), (1,)) == (True, True)
 
 
 def _gluon_grads(q, k, v, dout, window, stride, gluon=True, causal=False,
@@ -562,7 +562,7 @@ def _gluon_case(name):
     kernels) or a ``masked-`` one (the Gluon dQ)."""
     if name in GLUON_CASES:
         return (*GLUON_CASES[name], False, ("dq", "dkdv"))
-    return (*GLUON_MASKED_CASES[name.removeprefix("masked-")], ("dq",))
+    return GLUON_MASKED_CASES[name.removeprefix("masked-")]
 
 
 ALL_GLUON_CASES = list(GLUON_CASES) + [f"masked-{name}" for name in GLUON_MASKED_CASES]

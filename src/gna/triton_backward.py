@@ -364,10 +364,6 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
         return f"needs 64-token Q and 128-token KV tiles, got {q_tile}/{kv_tile}"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
-    if kind == "dkdv":
-        visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
-        if (visited != full).any():
-            return "some Q tiles visit partially masked KV tiles"
     return None
 
 
@@ -421,8 +417,8 @@ def _gluon_descriptors(named, geo3: Geometry, ndim: int) -> tuple:
     return tuple((name, *spec) for (name, _, _), spec in zip(named, specs))
 
 
-def _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, stat_stride, qk_scale,
-                     scale, stages) -> _Launch:
+def _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, qr, stat_stride,
+                     qk_scale, scale, stages) -> _Launch:
     from triton.experimental.gluon import language as gl
 
     from .kernels.backward_gluon import gna_backward_dkdv_block_sparse_kernel
@@ -441,10 +437,11 @@ def _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, stat_strid
     programs = min(num_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
     scalars = (*_strides(dk, ndim), *_strides(dv, ndim), *plan.geo3.shape[:1], *plan.geo3.shape,
                *inv_plan.n_kv_tiles[1:], kv_tiles, inv.stride(0), inv.stride(2),
-               heads_kv, heads // heads_kv, *plan.n_tiles[1:], math.prod(plan.n_tiles),
-               stat_stride, qk_scale, scale, num_items)
+               qr.stride(0), qr.stride(2), heads_kv, heads // heads_kv, *plan.n_tiles[1:],
+               math.prod(plan.n_tiles), stat_stride, qk_scale, scale, num_items)
     regs = _GLUON_REGS["dkdv"]
-    return _Launch(gna_backward_dkdv_block_sparse_kernel, (programs, 1, 1), ("dk", "dv", "inv"),
+    return _Launch(gna_backward_dkdv_block_sparse_kernel, (programs, 1, 1),
+                   ("dk", "dv", "inv", "win_dkdv"),
                    scalars, dict(STAGES=stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1]),
                    _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG)
 
@@ -623,14 +620,15 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
 
     # dK, dV: per KV tile, the inverse range of Q tiles.
     # Masks: per query its key window, or (KV-major) per key the queries that see it.
-    win_dkdv = (_device_query_ranges(plan.geo3, q.device) if c.kv_major
+    gluon = c.gluon and gluon_backward_ineligible("dkdv", q, k, v, dout, extra_k, geo,
+                                                  c.q_tile, c.kv_tile, c.gluon_stages) is None
+    win_dkdv = (_device_query_ranges(plan.geo3, q.device) if c.kv_major or gluon
                 else _device_tables(plan, q.device)[0])
     inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     tables = dict(win_dkdv=win_dkdv, inv=inv)
-    if c.gluon and gluon_backward_ineligible("dkdv", q, k, v, dout, extra_k, geo, c.q_tile,
-                                             c.kv_tile, c.gluon_stages) is None:
+    if gluon:
         launches.append(_plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv,
-                                         stat_stride, qk_scale, scale, c.gluon_stages))
+                                         win_dkdv, stat_stride, qk_scale, scale, c.gluon_stages))
     else:
         launches.append(_Launch(
             gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups,

@@ -1,6 +1,6 @@
 """Persistent, warp-specialized GNA backward kernels for perfectly block-sparse problems
 (Gluon, Hopper): dK/dV and dQ, in the style of the block-sparse forward
-(:mod:`gna.kernels.forward_gluon`); dQ also for problems with partially masked tiles.
+(:mod:`gna.kernels.forward_gluon`); both also for problems with partially masked tiles.
 
 Where every (Q tile, KV tile) pair the iteration visits is mask-free, the backward's loops are
 FlashAttention-2's with no masking at all, and what limits the Triton kernels
@@ -28,7 +28,13 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   log2(e)`` and ``delta``, tile-major, see :func:`gna.kernels.backward.gna_backward_delta_kernel`)
   into shared memory: in this layout a per-query statistic is a column vector of the scores,
   16 registers a thread, and reading it from shared memory right before its use keeps the
-  loop free of spills (measured, session 5 of ``benchmarks/NOTES.md``).
+  loop free of spills (measured, session 5 of ``benchmarks/NOTES.md``). It also takes
+  problems whose KV tiles are seen by partially masked Q tiles (stride 1, causal): after an
+  item's mask-free steps it walks the partial Q tiles (x query heads) in the Triton KV-major
+  kernel's order and sets each key row's transposed scores outside the range of queries that
+  see that key to -inf (``_mask_queries``; the per-key query ranges loaded once per item).
+  Measured against the Triton dK/dV (H200, fp16, d=128, session 9): 1-D w2048 0.190 -> 0.153
+  ms, 2-D w80 28.2 -> 23.8 ms, gradients bit-identical.
 * :func:`gna_backward_dq_block_sparse_kernel`: query-major, the forward's loop with dO resident
   beside Q and a third GEMM: per KV tile ``S = Q K^T``, ``dP = dO V^T``, ``dS = P (dP -
   delta)``, ``dQ += dS K``; the ``dS K`` GEMM stays in flight while the next tile's two score
@@ -62,24 +68,26 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 
 @gluon.jit
 def _dkdv_item(item, geo):
-    """Batch, KV head, first descriptor row of the batch, KV tile coordinates, the mask-free
-    box ``[ff, fl)`` of Q tiles that see the tile, and the item's number of steps (Q tiles x
-    query heads of the KV head). KV tiles fastest, then KV heads, then batches, as the Triton
-    kernel's grid."""
+    """Batch, KV head, first descriptor row of the batch, KV tile coordinates, the visited and
+    mask-free boxes of Q tiles that see the tile (``load_ranges``' twelve values) and the
+    item's numbers of steps (Q tiles x query heads of the KV head) on mask-free and on partial
+    Q tiles. KV tiles fastest, then KV heads, then batches, as the Triton kernel's grid."""
     Inv, inv_s0, inv_s2, L0, NK1, NK2, per_head, heads_kv, groups_per_kv, G0, G1, G2 = geo
     pid_t = item % per_head
     pid_bh = item // per_head
     b = pid_bh // heads_kv
     h_kv = pid_bh % heads_kv
     j0, j1, j2 = split3(pid_t, NK1, NK2)
-    _, _, ff0, fl0, _, _, ff1, fl1, _, _, ff2, fl2 = load_ranges(Inv, inv_s0, 0, inv_s2, 0, 0, 0,
-                                                                 j0, j1, j2)
-    n = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2) * groups_per_kv
-    return b, h_kv, b * L0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n
+    box = load_ranges(Inv, inv_s0, 0, inv_s2, 0, 0, 0, j0, j1, j2)
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2) * groups_per_kv
+    n_part = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2) * groups_per_kv
+    return b, h_kv, b * L0, j0, j1, j2, box, n_full, n_part
 
 
 @gluon.jit
-def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats, scales):
+def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats, scales,
+                  qrs):
     """Consumer warpgroup ``HALF``: keys ``[64 * HALF, 64 * HALF + 64)`` of every KV tile."""
     q_desc, do_desc, k_desc, v_desc, st_desc = descs
     q_smem, do_smem, k_smem, v_smem, st_smem = bufs
@@ -87,6 +95,7 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
     dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h = outs
     first_item, num_items, num_programs = sched
     qk_scale, scale = scales
+    groups_per_kv = geo[8]
     G0 = geo[9]
     G1 = geo[10]
     G2 = geo[11]
@@ -114,12 +123,13 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
     it = 0  # steps consumed so far, over all work items: the ring's slot and phase
     done = 0  # work items with K/V consumed: the K/V buffer's phase
     for item in range(first_item, num_items, num_programs):
-        b, h_kv, row0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n = _dkdv_item(item, geo)
+        b, h_kv, row0, j0, j1, j2, box, n_full, n_part = _dkdv_item(item, geo)
+        n = n_full + n_part
         dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
         if n > 0:
             mbarrier.wait(kv_full, done & 1)
-            for j in range(n):
+            for j in range(n_full):
                 slot = it % STAGES
                 phase = (it // STAGES) & 1
                 q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
@@ -132,6 +142,38 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
                 s = warpgroup_mma_wait(1, deps=[s])
                 lse2 = st_smem.index(2 * slot).load(col_layout)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
+                p16 = gl.convert_layout(p.to(dtype), op_layout)
+                dv = warpgroup_mma(p16, do, dv, is_async=True)
+                delta = st_smem.index(2 * slot + 1).load(col_layout)
+                dp = warpgroup_mma_wait(1, deps=[dp])
+                ds = p * (dp - gl.expand_dims(delta, 0))
+                ds16 = gl.convert_layout(ds.to(dtype), op_layout)
+                dk = warpgroup_mma(ds16, q, dk, is_async=True)
+                dk, dv, p16, ds16 = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16])
+                mbarrier.arrive(q_empty.index(slot), count=1)
+                it += 1
+            # The partial Q tiles: per key (row), the range of queries that see it, loaded
+            # once; per step the Q tile's query coordinates (the Triton KV-major kernel's
+            # masks, in its order).
+            krows = HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
+            kx0, kx1, kx2, key_ok, _, _, _ = tile_tokens(j0, j1, j2, krows, 0, 0, 0, G0, G1, G2,
+                                                         1, 1, 1, K0, K1, K2)
+            ranges = _row_windows(qrs, kx0, kx1, kx2, key_ok)
+            for j in range(n_part):
+                slot = it % STAGES
+                phase = (it // STAGES) & 1
+                q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+                mbarrier.wait(q_full.index(slot), phase)
+                s = warpgroup_mma(k_h, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(do_full.index(slot), phase)
+                dp = warpgroup_mma(v_h, do.permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s])
+                lse2 = st_smem.index(2 * slot).load(col_layout)
+                sl = s * qk_scale - gl.expand_dims(lse2, 0)
+                sl = _mask_queries(sl, j // groups_per_kv, box, ranges, T0, T1, T2)
+                p = gl.exp2(sl)
                 p16 = gl.convert_layout(p.to(dtype), op_layout)
                 dv = warpgroup_mma(p16, do, dv, is_async=True)
                 delta = st_smem.index(2 * slot + 1).load(col_layout)
@@ -163,13 +205,29 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
 
 
 @gluon.jit
-def _dkdv_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales):
-    _dkdv_consume(0, descs, bufs, bars, geo, outs, sched, stats, scales)
+def _mask_queries(sl, m, box, ranges, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr):
+    """Transposed scores ``sl`` ([keys, queries], a wgmma layout) of the item's ``m``-th partial
+    Q tile (``partial_tile``'s order) with the queries that do not see each key (row) at -inf:
+    ``ranges`` are the rows' query ranges per dimension."""
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    t0, t1, t2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    cols = gl.arange(0, T0 * T1 * T2, layout=gl.SliceLayout(0, sl.type.layout))
+    i0, i1, i2 = tile_coords(t0, t1, t2, cols, T0, T1, T2)
+    qa0, qb0, qa1, qb1, qa2, qb2 = ranges
+    seen = in_window(gl.expand_dims(i0, 0), gl.expand_dims(i1, 0), gl.expand_dims(i2, 0),
+                     gl.expand_dims(qa0, 1), gl.expand_dims(qb0, 1), gl.expand_dims(qa1, 1),
+                     gl.expand_dims(qb1, 1), gl.expand_dims(qa2, 1), gl.expand_dims(qb2, 1))
+    return gl.where(seen, sl, float("-inf"))
 
 
 @gluon.jit
-def _dkdv_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales):
-    _dkdv_consume(1, descs, bufs, bars, geo, outs, sched, stats, scales)
+def _dkdv_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
+    _dkdv_consume(0, descs, bufs, bars, geo, outs, sched, stats, scales, qrs)
+
+
+@gluon.jit
+def _dkdv_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
+    _dkdv_consume(1, descs, bufs, bars, geo, outs, sched, stats, scales, qrs)
 
 
 @gluon.jit
@@ -198,16 +256,25 @@ def _copy_q_step(descs, bufs, bars, it, row0, t0, t1, t2, h, stat_row, stat_stri
 
 
 @gluon.jit
-def _produce_steps(descs, bufs, bars, stats, it, steps, b, h_first, hh, row0, t0, t1, t2,
-                   ff1, fl1, ff2, fl2, groups_per_kv):
-    """Copy ``steps`` consecutive dK/dV steps, starting at query head ``h_first + hh`` of Q
-    tile ``(t0, t1, t2)``: query heads fastest, then the mask-free box of Q tiles in row-major
-    order (the Triton kernel's order). Returns where the next step starts."""
+def _produce_steps(descs, bufs, bars, stats, it, start, steps, b, h_first, hh, row0, t0, t1, t2,
+                   box, n_full, groups_per_kv):
+    """Copy ``steps`` consecutive dK/dV steps from the item's step ``start``: query heads
+    fastest, the mask-free box of Q tiles in row-major order (``(t0, t1, t2)`` and query head
+    ``h_first + hh`` are where that walk stands), then the partial Q tiles in
+    ``partial_tile``'s order (the Triton kernel's order). Returns the walk's next position."""
     heads, NT1, NT2, n_q_tiles, stat_stride = stats
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
     for j in range(steps):
-        stat_row = (b * heads + h_first + hh) * n_q_tiles + (t0 * NT1 + t1) * NT2 + t2
-        _copy_q_step(descs, bufs, bars, it, row0, t0, t1, t2, h_first + hh, stat_row,
-                     stat_stride)
+        m = start + j - n_full  # the step's index among the partial ones
+        p0, p1, p2 = partial_tile(m // groups_per_kv, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2,
+                                  l2, ff2, fl2)
+        full = start + j < n_full
+        c0 = gl.where(full, t0, p0)
+        c1 = gl.where(full, t1, p1)
+        c2 = gl.where(full, t2, p2)
+        h = h_first + gl.where(full, hh, m % groups_per_kv)
+        stat_row = (b * heads + h) * n_q_tiles + (c0 * NT1 + c1) * NT2 + c2
+        _copy_q_step(descs, bufs, bars, it, row0, c0, c1, c2, h, stat_row, stat_stride)
         it += 1
         hh += 1
         wrap = (hh >= groups_per_kv).to(gl.int32)
@@ -220,7 +287,7 @@ def _produce_steps(descs, bufs, bars, stats, it, steps, b, h_first, hh, row0, t0
 
 
 @gluon.jit
-def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales):
+def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
     """Producer warp: each work item's K/V once, and Q, dO and the row statistics of every
     step, in the consumers' order."""
     k_desc = descs[2]
@@ -238,31 +305,32 @@ def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales):
     it = 0
     done = 0
     for item in range(first_item, num_items, num_programs):
-        b, h_kv, row0, j0, j1, j2, ff0, ff1, fl1, ff2, fl2, n = _dkdv_item(item, geo)
+        b, h_kv, row0, j0, j1, j2, box, n_full, n_part = _dkdv_item(item, geo)
+        n = n_full + n_part
         if n > 0:
             h_first = h_kv * groups_per_kv
             # The first steps' Q/dO go before K/V: their slots free up while the consumers
             # are still on the previous item, whose K/V they hold until its last step.
             n_first = gl.minimum(n, STAGES)
-            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, n_first, b,
-                                                h_first, gl.to_tensor(0), row0, ff0, ff1, ff2,
-                                                ff1, fl1, ff2, fl2, groups_per_kv)
+            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, 0, n_first, b,
+                                                h_first, gl.to_tensor(0), row0, box[2], box[6],
+                                                box[10], box, n_full, groups_per_kv)
             mbarrier.wait(kv_empty, (done & 1) ^ 1)
             coords = [row0 + j0 * K0, j1 * K1, j2 * K2, h_kv, 0]
             mbarrier.expect(kv_full, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, coords, kv_full, k_smem)
             tma.async_copy_global_to_shared(v_desc, coords, kv_full, v_smem)
             done += 1
-            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, n - n_first, b,
-                                                h_first, hh, row0, t0, t1, t2, ff1, fl1, ff2,
-                                                fl2, groups_per_kv)
+            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, n_first,
+                                                n - n_first, b, h_first, hh, row0, t0, t1, t2,
+                                                box, n_full, groups_per_kv)
 
 
 @gluon.jit
 def gna_backward_dkdv_block_sparse_kernel(
-    dK, dV, Inv, q_desc, do_desc, k_desc, v_desc, st_desc,
+    dK, dV, Inv, QR, q_desc, do_desc, k_desc, v_desc, st_desc,
     sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
-    L0, G0, G1, G2, NK1, NK2, kv_tiles, inv_s0, inv_s2,
+    L0, G0, G1, G2, NK1, NK2, kv_tiles, inv_s0, inv_s2, qr_s0, qr_s2,
     heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale, num_items,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
@@ -300,7 +368,7 @@ def gna_backward_dkdv_block_sparse_kernel(
     outs = (dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h)
     sched = (gl.program_id(0), num_items, gl.num_programs(0))
     stats = (heads_kv * groups_per_kv, NT1, NT2, n_q_tiles, stat_stride)
-    args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale))
+    args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale), (QR, qr_s0, qr_s2))
     gl.warp_specialize([
         (_dkdv_consume_keys_0_63, args),
         (_dkdv_consume_keys_64_127, args),
