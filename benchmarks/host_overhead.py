@@ -29,7 +29,7 @@ def main():
 
     def op():
         out, _ = triton_backend.na_forward(q, k, v, None, None, [2048], [1], [1], [False],
-                                           128 ** -0.5, None, None, None, None, False)
+                                           128 ** -0.5, None, None, None, None, False, False)
         out.backward(grad)
 
     rows = []

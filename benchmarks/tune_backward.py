@@ -74,6 +74,7 @@ DQ = {
 }
 KERNELS = {"dkdv": ("gna_backward_dkdv_kernel", "gna_backward_dkdv_block_sparse_kernel"),
            "dq": ("gna_backward_dq_kernel", "gna_backward_dq_block_sparse_kernel"),
+           "fused": ("gna_backward_fused_block_sparse_kernel", "gna_backward_dq_cast_kernel"),
            "delta": ("gna_backward_delta_kernel",)}
 
 
@@ -95,9 +96,9 @@ def _setup(problem):
     # The reference for each variant's gradients: the Triton kernels only.
     triton_only = tuple(dataclasses.replace(c, gluon_stages=0) for c in defaults)
 
-    def run(configs):
+    def run(configs, deterministic=False):
         return launch_backward(q, k, v, None, None, out, lse, dout, None, prob.geometry,
-                               prob.scale, config, False, configs)
+                               prob.scale, config, False, configs, deterministic)
     return prob, defaults, run, triton_only
 
 

@@ -31,7 +31,7 @@ from gna.kernels.backward import (  # noqa: E402
 from gna.kernels.forward import gna_forward_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-FP32_POINTERS = {"Lse", "Delta", "dLse", "Stats", "dEK", "dEV"}
+FP32_POINTERS = {"Lse", "Delta", "dLse", "Stats", "dEK", "dEV", "DqAcc"}
 INT32_POINTERS = {"Win", "Inv", "Rng", "Counts", "QR"}
 DATA_POINTERS = {"Q", "K", "V", "EK", "EV", "dO", "Out", "dK", "dV", "dQ", "KD", "VD"}
 DESCRIPTORS = {"KD", "VD"}  # host-made tensor descriptors where HOST_DESC is set
@@ -105,6 +105,10 @@ def _compile_gluon(kind: str, dtype: str, q_tile, kv_tile, head_dim: int):
         if name == "st_desc":  # the dK/dV kernel's row statistics, fp32 rows of one Q tile
             layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
             return f"tensordesc<fp32[{math.prod(q_tile)}],{layout!r}>"
+        if name == "dqa_desc":  # the fused kernel's fp32 dQ accumulator, half of d per box
+            block = [*q_tile, 1, head_dim // 2]
+            layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+            return f"tensordesc<fp32[{','.join(map(str, block))}],{layout!r}>"
         if name not in blocks:
             return None
         layout = gl.NVMMASharedLayout.get_default_for(blocks[name], elem)
@@ -115,7 +119,8 @@ def _compile_gluon(kind: str, dtype: str, q_tile, kv_tile, head_dim: int):
         regs, maxnreg = tb._GLUON_REGS, tb._GLUON_MAXNREG
     else:
         kernel = {"dq": backward_gluon.gna_backward_dq_block_sparse_kernel,
-                  "dkdv": backward_gluon.gna_backward_dkdv_block_sparse_kernel}[kind]
+                  "dkdv": backward_gluon.gna_backward_dkdv_block_sparse_kernel,
+                  "fused": backward_gluon.gna_backward_fused_block_sparse_kernel}[kind]
         stages = tbw._gluon_stages(kind, math.prod(kv_tile))
         regs, maxnreg = tbw._GLUON_REGS[kind], tbw._GLUON_MAXNREG
     constexprs = dict(STAGES=stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
@@ -143,7 +148,7 @@ CASES = {
     "dq": (gna_backward_dq_kernel, dict(TILES, HEAD_DIM=64, head_dim=64, HAS_EXTRA=True,
                                         PRECISION="ieee", USE_TMA=False)),
     "delta": (gna_backward_delta_kernel, dict(T0=1, T1=4, T2=8, HEAD_DIM=64, head_dim=64,
-                                              HAS_DLSE=True)),
+                                              HAS_DLSE=True, ZERO_DQ=True)),
     "extra": (gna_backward_extra_kernel, dict(BLOCK_M=32, BLOCK_N=32, HEAD_DIM=64, head_dim=64,
                                               PRECISION="ieee")),
 }
@@ -159,6 +164,8 @@ GLUON_CASES = {
     "dq-gluon-block-sparse-3d-bf16-d64": ("dq", "bf16", (2, 8, 8), (2, 8, 8), 64),
     "dkdv-gluon-block-sparse-2d-fp16-d128": ("dkdv", "fp16", (1, 8, 8), (1, 8, 16), 128),
     "dkdv-gluon-block-sparse-3d-bf16-d64": ("dkdv", "bf16", (1, 8, 8), (2, 8, 8), 64),
+    "fused-gluon-block-sparse-2d-fp16-d128": ("fused", "fp16", (1, 8, 8), (1, 8, 16), 128),
+    "fused-gluon-block-sparse-3d-bf16-d64": ("fused", "bf16", (1, 8, 8), (2, 8, 8), 64),
 }
 
 

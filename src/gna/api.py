@@ -58,8 +58,11 @@ def neighborhood_attention(
         backend: None picks the fastest that can run the call; ``"reference"`` forces the
             pure-PyTorch oracle. See ``gna.backends.available()``.
         q_tile_shape, kv_tile_shape, backward_*: kernel tile shapes (kernel backends only).
-        deterministic: run-to-run identical gradients. Both backends always are (the Triton
-            backward kernels use no atomics); the flag is accepted for NATTEN compatibility.
+        deterministic: run-to-run identical gradients. The reference backend always is; the
+            Triton backend's backward is too, except where the fused Gluon kernel runs
+            (perfectly block-sparse problems on Hopper, fp16/bf16), whose dQ adds the KV
+            tiles' shares through the copy engine's reductions in whatever order they
+            finish: ``True`` takes the separate deterministic dQ kernel there (slower).
         fp32_precision: ``"ieee"`` or ``"tf32"`` for float32 inputs on kernel backends.
 
     Returns:
@@ -78,7 +81,8 @@ def neighborhood_attention(
         out, lse = triton_backend.compiled_call(
             query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
             additional_values, (q_tile_shape, kv_tile_shape, backward_q_tile_shape,
-                                backward_kv_tile_shape), fp32_precision == "tf32")
+                                backward_kv_tile_shape), fp32_precision == "tf32",
+            deterministic)
         return (out, lse) if return_lse else out
     args = (_ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
             additional_keys, additional_values, backend, q_tile_shape, kv_tile_shape,

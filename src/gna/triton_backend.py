@@ -814,6 +814,7 @@ def na_forward(
     kernel_size: list[int], stride: list[int], dilation: list[int], causal: list[bool],
     scale: float, q_tile: list[int] | None, kv_tile: list[int] | None,
     bwd_q_tile: list[int] | None, bwd_kv_tile: list[int] | None, tf32: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geo, config = _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile)
     return launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32)
@@ -821,7 +822,7 @@ def na_forward(
 
 @na_forward.register_fake
 def _(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, q_tile, kv_tile,
-      bwd_q_tile, bwd_kv_tile, tf32):
+      bwd_q_tile, bwd_kv_tile, tf32, deterministic):
     _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile)  # validates
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
@@ -834,19 +835,20 @@ def na_backward(
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None,
     kernel_size: list[int], stride: list[int], dilation: list[int], causal: list[bool],
     scale: float, q_tile: list[int] | None, kv_tile: list[int] | None, tf32: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward; gradients of absent additional keys/values come back empty."""
     from .triton_backward import launch_backward  # imports this module
 
     geo, config = _geometry_and_config(q, kernel_size, stride, dilation, causal, q_tile, kv_tile)
     grads = launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo, scale,
-                            config, tf32)
+                            config, tf32, deterministic=deterministic)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @na_backward.register_fake
 def _(q, k, v, extra_k, extra_v, out, lse, dout, dlse, kernel_size, stride, dilation, causal,
-      scale, q_tile, kv_tile, tf32):
+      scale, q_tile, kv_tile, tf32, deterministic):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
@@ -856,12 +858,12 @@ def _(q, k, v, extra_k, extra_v, out, lse, dout, dlse, kernel_size, stride, dila
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale, q_tile, kv_tile,
-     bwd_q_tile, bwd_kv_tile, tf32) = inputs
+     bwd_q_tile, bwd_kv_tile, tf32, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
     ctx.args = (kernel_size, stride, dilation, causal, scale,
                 bwd_q_tile if bwd_q_tile is not None else q_tile,
-                bwd_kv_tile if bwd_kv_tile is not None else kv_tile, tf32)
+                bwd_kv_tile if bwd_kv_tile is not None else kv_tile, tf32, deterministic)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -870,7 +872,7 @@ def _backward(ctx, grad_out, grad_lse):
                                        grad_out.contiguous(), grad_lse, *ctx.args)
     if extra_k is None:
         dek = dev = None
-    return (dq, dk, dv, dek, dev) + (None,) * 10
+    return (dq, dk, dv, dek, dev) + (None,) * 11
 
 
 na_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -887,7 +889,7 @@ def _tile_list(name, value, ndim):
 
 
 def compiled_call(q, k, v, kernel_size, stride, dilation, is_causal, scale, extra_k, extra_v,
-                  tiles, tf32):
+                  tiles, tf32, deterministic=False):
     """Entry used while torch.compile traces: per-dimension lists in, the op out (the op's fake
     implementation validates the geometry on fake tensors). ``tiles`` holds the forward and
     backward Q/KV tile shapes (None for the defaults)."""
@@ -898,7 +900,8 @@ def compiled_call(q, k, v, kernel_size, stride, dilation, is_causal, scale, extr
     scale = normalize_scale(scale, q.shape[-1])
     names = ("q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape")
     return na_forward(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, causal, scale,
-                      *(_tile_list(n, t, ndim) for n, t in zip(names, tiles)), tf32)
+                      *(_tile_list(n, t, ndim) for n, t in zip(names, tiles)), tf32,
+                      bool(deterministic))
 
 
 # --- backend entry --------------------------------------------------------------------------
@@ -922,11 +925,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, extra_k, extra_v, geo, scale, config, bwd_config, tf32,
-                plans=None):
+                deterministic=False, plans=None):
         out, lse = launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32,
                                   plans=plans)
         ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
-        ctx.args = (geo, scale, bwd_config, tf32)
+        ctx.args = (geo, scale, bwd_config, tf32, deterministic)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -935,13 +938,13 @@ class _EagerAttention(torch.autograd.Function):
         from .triton_backward import launch_backward  # imports this module
 
         q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
-        geo, scale, config, tf32 = ctx.args
+        geo, scale, config, tf32, deterministic = ctx.args
         if grad_out is None:  # only the LSE was used
             grad_out = torch.zeros_like(out)
         dq, dk, dv, dek, dev = launch_backward(q, k, v, extra_k, extra_v, out, lse,
                                                grad_out.contiguous(), grad_lse, geo, scale,
-                                               config, tf32)
-        return dq, dk, dv, dek, dev, None, None, None, None, None, None
+                                               config, tf32, deterministic=deterministic)
+        return dq, dk, dv, dek, dev, None, None, None, None, None, None, None
 
 
 def prepare(problem: Problem, options: Options):
@@ -966,7 +969,7 @@ def prepare(problem: Problem, options: Options):
             return launch_forward(q, k, v, extra_k, extra_v, geo, scale, config, tf32,
                                   plans=plans)
         return _EagerAttention.apply(q, k, v, extra_k, extra_v, geo, scale, config,
-                                     bwd_config, tf32, plans)
+                                     bwd_config, tf32, options.deterministic, plans)
 
     return call
 

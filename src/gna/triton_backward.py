@@ -40,6 +40,7 @@ import triton
 from .geometry import Geometry, group_length
 from .kernels.backward import (
     gna_backward_delta_kernel,
+    gna_backward_dq_cast_kernel,
     gna_backward_dkdv_kernel,
     gna_backward_dq_kernel,
     gna_backward_extra_kernel,
@@ -50,6 +51,7 @@ from .triton_backend import (
     LaunchConfig,
     _device_tables,
     _halve,
+    _merged_layout,
     _next_pow2,
     _pad3,
     _plan,
@@ -341,6 +343,8 @@ _GLUON_RING_BYTES = 128 * 1024  # at d=128, 2-byte inputs
 def _gluon_stages(kind: str, kv_tokens: int) -> int:
     """Ring slots of a Gluon kernel (at most 4): dK/dV's 64-query Q/dO tiles, or dQ's K/V
     tiles of ``kv_tokens`` keys, in ``_GLUON_RING_BYTES`` at d=128."""
+    if kind == "fused":
+        return _GLUON_FUSED_STAGES
     per_slot = 2 * 2 * 128 * (64 if kind == "dkdv" else kv_tokens)
     return min(4, _GLUON_RING_BYTES // per_slot)
 
@@ -350,7 +354,19 @@ _GLUON_MAXNREG = 168  # 12 warps (3 warpgroups) x 32 threads x 168 fits 64K regi
 # Registers (setmaxnreg) of the consumer warpgroups and the producer warp. dK/dV holds two
 # fp32 [64 x d] accumulators and two [64 x 64] score tiles: at 232 its sm_90 code spills in
 # the loop more than at 240 (ptxas: 20 B either way, 60 B at 224).
-_GLUON_REGS = {"dkdv": (240, 32), "dq": (232, 40)}
+_GLUON_REGS = {"dkdv": (240, 32), "dq": (232, 40), "fused": (240, 32)}
+# The fused dK/dV/dQ kernel's Q/dO ring: its dS and dQ staging buffers (64 KB at d=128) leave
+# room for 3 slots in an H100's 227 KB.
+_GLUON_FUSED_STAGES = 3
+# Where the fused kernel runs by default: the layouts where it measured faster than the
+# separate Gluon dK/dV and dQ kernels (H200, fp16, d=128, kernel ms, session 9 of
+# benchmarks/NOTES.md). 1-D, block-sparse: 32k tokens 1 head 0.220 -> 0.197 ms, 8 heads 1.57
+# -> 1.45, 128k tokens 0.81 -> 0.74. 2-D/3-D, 24 heads: 256x256 s16 equal (29 ms), 128x128
+# s16 7.6 -> 8.8, 30x48x80 s16x8x8 89 -> 100, 16x48x80 40 -> 45, 8x48x80 equal: slower or
+# equal there, for reasons not found (not the accumulator's size: the 128k-token row's is
+# larger than the 2-D rows').
+_GLUON_FUSED_NDIMS = (1,)
+_CAST_BLOCK = 4096  # elements per program of the dQ accumulator's cast
 
 
 @functools.lru_cache(maxsize=256)
@@ -360,10 +376,14 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
     m, n = math.prod(q_tile), math.prod(kv_tile)
     if kind == "dq" and (m != 128 or n not in (64, 128)):
         return f"needs 128-token Q and 64- or 128-token KV tiles, got {q_tile}/{kv_tile}"
-    if kind == "dkdv" and (m, n) != (64, 128):
+    if kind in ("dkdv", "fused") and (m, n) != (64, 128):
         return f"needs 64-token Q and 128-token KV tiles, got {q_tile}/{kv_tile}"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
+    if kind == "fused":
+        visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
+        if (visited != full).any():
+            return "some Q tiles visit partially masked KV tiles"
     return None
 
 
@@ -376,21 +396,22 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
     a ring of ``stages`` slots that fits shared memory. dQ also needs 128-token Q tiles, 64- or
     128-token KV tiles, no additional keys (whose dQ the Triton kernel adds in the same loop)
     and, with two batches or more, KV tiles that do not overhang a batch's first dimension; it
-    masks partial KV tiles as the Triton kernel does. dK/dV needs every visited (Q tile, KV
-    tile) pair mask-free, 64-token Q tiles and 128-token KV tiles, and Q tiles that do not
-    overhang a batch's first dimension (a Q box past it would read the next batch's queries,
-    which the dK/dV sums would take in)."""
+    masks partial KV tiles as the Triton kernel does. dK/dV needs 64-token Q tiles and 128-token
+    KV tiles, and Q tiles that do not overhang a batch's first dimension (a Q box past it would
+    read the next batch's queries, which the dK/dV sums would take in); it masks partial Q
+    tiles as the Triton KV-major kernel does. ``"fused"`` (dK, dV and dQ in one kernel) needs
+    what dK/dV needs, every visited (Q tile, KV tile) pair mask-free and no additional keys."""
     q_tile, kv_tile = _pad3(q_tile, 1), _pad3(kv_tile, 1)
     why = _gluon_geometry_ineligible(kind, geo, q_tile, kv_tile)
     if why:
         return why
-    if kind == "dq" and extra_k is not None:
+    if kind in ("dq", "fused") and extra_k is not None:
         return "additional keys/values"
     why = gluon_dtype_ineligible(q)
     if why:
         return why
     geo3 = _plan(geo, q_tile, kv_tile).geo3
-    if kind == "dkdv" and q.shape[0] > 1 and geo3.shape[0] % q_tile[0]:
+    if kind in ("dkdv", "fused") and q.shape[0] > 1 and geo3.shape[0] % q_tile[0]:
         return f"Q tiles {q_tile} overhang the first dimension ({geo3.shape[0]}) of a batch"
     if kind == "dq" and q.shape[0] > 1 and geo3.shape[0] % kv_tile[0]:
         # A partial KV box past a batch's first dimension would read the next batch's keys
@@ -405,6 +426,8 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
         need = elem * head_dim * 2 * (128 + math.prod(kv_tile) * stages)
     else:  # K, V; per slot Q, dO and their two row statistics
         need = elem * head_dim * 2 * (128 + 64 * stages) + 4 * 2 * 64 * stages
+    if kind == "fused":  # two slots of dS^T, two warpgroups' dQ shares in fp32
+        need += 2 * 128 * 64 * elem + 2 * 64 * (head_dim // 2) * 4
     if need > shared_limit(q.device):
         return f"needs {need} bytes of shared memory"
     return None
@@ -446,6 +469,26 @@ def _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, qr, stat_s
                    _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG)
 
 
+def _plan_gluon_fused(dkdv: _Launch, q, geo, plan) -> _Launch:
+    """The fused dK/dV/dQ launch: the Gluon dK/dV launch's arguments and a descriptor over
+    the fp32 dQ accumulator (``dq_acc``, laid out as a contiguous ``q``) in boxes of one Q tile
+    and half the head dimension."""
+    from triton.experimental.gluon import language as gl
+
+    from .kernels.backward_gluon import gna_backward_fused_block_sparse_kernel
+
+    acc = torch.empty(q.shape, dtype=torch.float32, device="meta")
+    shape, strides = _merged_layout(acc, plan.geo3, geo.ndim)
+    block = [*plan.q_tile, 1, q.shape[-1] // 2]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+    regs = _GLUON_REGS["fused"]
+    return dataclasses.replace(
+        dkdv, kernel=gna_backward_fused_block_sparse_kernel,
+        descriptors=dkdv.descriptors + (("dq_acc", shape, strides, block, layout),),
+        constexprs=dict(STAGES=_GLUON_FUSED_STAGES, CONSUMER_REGS=regs[0],
+                        PRODUCER_REGS=regs[1]), compiled=[])
+
+
 def _plan_gluon_dq(q, k, v, dout, dq, geo, c: KernelConfig, l_strides, qk_scale,
                    scale) -> tuple[_Launch, torch.Tensor, torch.Tensor]:
     """The dQ launch and its window and KV range tables (the forward's, for the dQ kernel's
@@ -473,7 +516,8 @@ def _plan_gluon_dq(q, k, v, dout, dq, geo, c: KernelConfig, l_strides, qk_scale,
 
 def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geometry,
                     scale: float, config: LaunchConfig, tf32: bool = False,
-                    configs: tuple[KernelConfig, KernelConfig] | None = None):
+                    configs: tuple[KernelConfig, KernelConfig] | None = None,
+                    deterministic: bool = False):
     """Gradients of GNA w.r.t. ``q, k, v`` and the additional keys/values.
 
     Args:
@@ -489,6 +533,9 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
         tf32: fp32 inputs multiply in TF32 instead of IEEE fp32.
         configs: ``(dq, dkdv)`` kernel configurations instead of :func:`backward_configs`'
             (tuning scripts and tests).
+        deterministic: run-to-run identical gradients: never the fused Gluon kernel, whose dQ
+            adds the KV tiles' shares in whatever order they finish (dK and dV are
+            deterministic either way).
 
     Returns ``(dq, dk, dv, dextra_k, dextra_v)`` with the inputs' shapes and dtypes
     (contiguous); the extra gradients are None without additional keys.
@@ -502,19 +549,21 @@ def launch_backward(q, k, v, extra_k, extra_v, out, lse, dout, dlse, geo: Geomet
     views = (q, k, v, out, dout) if extra_k is None else (q, k, v, out, dout, extra_k, extra_v)
     # The plan keeps its compiled kernels, specialized on every pointer's 16-byte alignment:
     # the views' (signature), the LSE's and dLSE's; the buffers allocated here are aligned.
-    key = (geo, config, configs, tf32, scale, lse.data_ptr() % 16,
+    key = (geo, config, configs, tf32, deterministic, scale, lse.data_ptr() % 16,
            None if dlse is None else dlse.data_ptr() % 16, signature(views))
     plan = _BACKWARD_PLANS.get(key) or cache_plan(
         _BACKWARD_PLANS, key, lambda: _plan_backward(q, k, v, extra_k, extra_v, out, dout,
                                                      dlse is not None, geo, scale, config,
-                                                     tf32, configs))
+                                                     tf32, configs, deterministic))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     stats = torch.empty(2 * plan.stat_stride, dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # The fused kernel's fp32 dQ accumulator (zeroed by the delta kernel).
+    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if plan.fused else dq
     buffers = dict(q=q, k=k, v=v, out=out, dout=dout, lse=lse, delta=delta, stats=stats,
-                   dq=dq, dk=dk, dv=dv,
+                   dq=dq, dk=dk, dv=dv, dq_acc=dq_acc,
                    dlse=delta if dlse is None else dlse, extra_k=k if extra_k is None else extra_k,
                    extra_v=v if extra_v is None else extra_v, **plan.tables)
     for launch in plan.launches:
@@ -561,14 +610,18 @@ class _BackwardPlan:
     dkdv_config: KernelConfig
     head_dim_p2: int
     precision: str
+    fused: bool  # dQ comes from the fused kernel's fp32 accumulator (``dq_acc``)
 
 
 _BACKWARD_PLANS: dict = {}
 
 
 def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, config, tf32,
-                   configs) -> _BackwardPlan:
-    """The delta, dK/dV and dQ launches for these inputs' shapes, strides and alignments."""
+                   configs, deterministic) -> _BackwardPlan:
+    """The delta, dK/dV and dQ launches for these inputs' shapes, strides and alignments;
+    unless ``deterministic``, where the fused Gluon kernel qualifies (and on the layouts of
+    ``_GLUON_FUSED_NDIMS``), the delta launch (which then zeroes its fp32 dQ accumulator),
+    that kernel and the accumulator's cast to dQ."""
     ndim = geo.ndim
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
@@ -594,8 +647,13 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     # The buffers each call allocates are contiguous: their strides, from meta tensors.
     delta, dq, dk, dv = (torch.empty(shape, device="meta")
                          for shape in (q.shape[:-1], q.shape, k.shape, v.shape))
-
     c = dkdv_config
+    gluon = c.gluon and gluon_backward_ineligible("dkdv", q, k, v, dout, extra_k, geo,
+                                                  c.q_tile, c.kv_tile, c.gluon_stages) is None
+    fused = gluon and not deterministic and geo.ndim in _GLUON_FUSED_NDIMS and (
+        gluon_backward_ineligible("fused", q, k, v, dout, extra_k, geo, c.q_tile, c.kv_tile,
+                                  _GLUON_FUSED_STAGES) is None)
+
     plan = _plan(geo, c.q_tile, c.kv_tile)
     geo_args = (*plan.geo3.shape, *plan.geo3.dilation)
     n_groups = math.prod(plan.geo3.dilation)
@@ -611,17 +669,15 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     nt1, nt2 = plan.n_tiles[1], plan.n_tiles[2]
     launches = [_Launch(
         gna_backward_delta_kernel, (n_q_tiles, n_groups, batch * heads),
-        ("out", "dout", "lse", "dlse", "delta", "stats"),
-        (*_strides(out, ndim), *_strides(dout, ndim), *l_strides, *geo_args, nt1, nt2,
-         n_q_tiles, n_groups, heads, stat_stride),
+        ("out", "dout", "lse", "dlse", "delta", "stats", "dq_acc"),
+        (*_strides(out, ndim), *_strides(dout, ndim), *l_strides, *_strides(dq, ndim),
+         *geo_args, nt1, nt2, n_q_tiles, n_groups, heads, stat_stride),
         dict(T0=plan.q_tile[0], T1=plan.q_tile[1], T2=plan.q_tile[2], HEAD_DIM=head_dim_p2,
-             head_dim=head_dim, HAS_DLSE=has_dlse),
+             head_dim=head_dim, HAS_DLSE=has_dlse, ZERO_DQ=fused),
         8 if block_m * head_dim_p2 >= _DELTA_ELEMENTS_8_WARPS else 4, 1, False)]
 
     # dK, dV: per KV tile, the inverse range of Q tiles.
     # Masks: per query its key window, or (KV-major) per key the queries that see it.
-    gluon = c.gluon and gluon_backward_ineligible("dkdv", q, k, v, dout, extra_k, geo,
-                                                  c.q_tile, c.kv_tile, c.gluon_stages) is None
     win_dkdv = (_device_query_ranges(plan.geo3, q.device) if c.kv_major or gluon
                 else _device_tables(plan, q.device)[0])
     inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
@@ -629,6 +685,14 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     if gluon:
         launches.append(_plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv,
                                          win_dkdv, stat_stride, qk_scale, scale, c.gluon_stages))
+        if fused:  # dQ too, into the accumulator; then dQ = accumulator x scale
+            launches[-1] = _plan_gluon_fused(launches[-1], q, geo, plan)
+            launches.append(_Launch(gna_backward_dq_cast_kernel,
+                                    (triton.cdiv(q.numel(), _CAST_BLOCK), 1, 1),
+                                    ("dq_acc", "dq"), (q.numel(), scale),
+                                    dict(BLOCK=_CAST_BLOCK), 4, 1, False))
+            return _BackwardPlan(tuple(launches), tables, stat_stride, l_strides, dkdv_config,
+                                 head_dim_p2, precision, True)
     else:
         launches.append(_Launch(
             gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups,
@@ -665,7 +729,7 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
                  HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
             c.num_warps, c.num_stages, c.use_tma))
     return _BackwardPlan(tuple(launches), tables, stat_stride, l_strides, dkdv_config,
-                         head_dim_p2, precision)
+                         head_dim_p2, precision, False)
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,

@@ -49,13 +49,15 @@ def _load_rows(ptrs, row_ok, d_mask):
 
 @triton.jit(do_not_specialize=["D0", "D1", "D2"])
 def gna_backward_delta_kernel(
-    Out, dO, Lse, dLse, Delta, Stats,
+    Out, dO, Lse, dLse, Delta, Stats, DqAcc,
     so_b, so_0, so_1, so_2, so_h,
     sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
     sl_b, sl_0, sl_1, sl_2, sl_h,  # Lse, dLse and Delta (same layout)
+    sa_b, sa_0, sa_1, sa_2, sa_h,
     L0, L1, L2, D0, D1, D2, NT1, NT2, n_tiles, n_groups, heads, stat_stride,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     HEAD_DIM: tl.constexpr, head_dim: tl.constexpr, HAS_DLSE: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
 ):
     """``delta = rowsum(dO * O) - dlse`` in fp32 for one Q tile of the dK/dV kernel's tiling
     (one dilation group, batch, head). Writes ``delta`` laid out like ``lse`` (for the dQ and
@@ -64,7 +66,9 @@ def gna_backward_delta_kernel(
     second statistic ``stat_stride`` elements after the first). The dK/dV kernel then reads a
     Q tile's row statistics as one contiguous run, with no per-row address registers held
     through its loops; rows past the group's end hold 0 there (finite, and their Q and dO rows
-    read 0)."""
+    read 0). With ``ZERO_DQ`` it also zeroes the tile's rows of ``DqAcc``, the fused Gluon
+    backward's fp32 dQ accumulator (:func:`gna.kernels.backward_gluon.
+    gna_backward_fused_block_sparse_kernel`), which would otherwise take a memset launch."""
     BLOCK_M: tl.constexpr = T0 * T1 * T2
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -91,6 +95,22 @@ def gna_backward_delta_kernel(
     s_off = ((pid_bh.to(tl.int64) * n_groups + pid_g) * n_tiles + pid_t) * BLOCK_M + offs_m
     tl.store(Stats + s_off, lse2)
     tl.store(Stats + stat_stride + s_off, tl.where(ok, delta, 0.0))
+    if ZERO_DQ:
+        a_ptrs = (DqAcc + b * sa_b + h * sa_h + (x0 * sa_0 + x1 * sa_1 + x2 * sa_2)[:, None]
+                  + offs_d[None, :])
+        tl.store(a_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], tl.float32),
+                 mask=ok[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def gna_backward_dq_cast_kernel(Acc, dQ, n, scale, BLOCK: tl.constexpr):
+    """``dQ = Acc * scale`` in dQ's dtype, over ``n`` elements of two contiguous tensors: the
+    fused Gluon backward's fp32 dQ accumulator to the gradient (the Triton dQ kernel's
+    epilogue, as a pass of its own)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.load(Acc + offs, mask=ok, other=0.0)
+    tl.store(dQ + offs, (acc * scale).to(dQ.dtype.element_ty), mask=ok)
 
 
 # --- dK / dV ------------------------------------------------------------------------------

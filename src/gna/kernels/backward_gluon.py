@@ -54,8 +54,10 @@ Which problems qualify: :func:`gna.triton_backward.gluon_backward_ineligible`.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton._C.libtriton import ir
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
-    mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
 from .forward_gluon import _copy_kv, _work_item, wgmma_layout
 from .tiles import (in_window, load_ranges, load_windows, next_full_tile, partial_count,
@@ -85,13 +87,121 @@ def _dkdv_item(item, geo):
     return b, h_kv, b * L0, j0, j1, j2, box, n_full, n_part
 
 
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """``global[box at coord] += src``: the copy engine's reduction (Triton 3.6's Gluon has the
+    op, ``ttng.async_tma_reduce``, without a Python wrapper). Completes as a TMA store
+    (``tma.store_wait``)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle,
+                                             coord, src.handle)
+
+
 @gluon.jit
-def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats, scales,
-                  qrs):
-    """Consumer warpgroup ``HALF``: keys ``[64 * HALF, 64 * HALF + 64)`` of every KV tile."""
-    q_desc, do_desc, k_desc, v_desc, st_desc = descs
+def _dq_share(HALF: gl.constexpr, ds, k_smem, fused, it):
+    """The fused kernel's dQ GEMM of one step: this warpgroup's ``dS^T`` rows into shared
+    memory, then, once the other warpgroup's are there too, ``dQ[:, d half] = dS K[:, d half]``
+    over all 128 keys of the tile (issued, not waited on)."""
+    dqa_desc, ds_smem, dq_smem, ds_ready = fused
+    HALF_N: gl.constexpr = ds_smem.type.shape[1] // 2
+    BLOCK_M: gl.constexpr = ds_smem.type.shape[2]
+    HALF_D: gl.constexpr = dq_smem.type.shape[5]
+    BLOCK_N: gl.constexpr = 2 * HALF_N
+    slot = it % 2
+    ds_smem.index(slot).slice(HALF * HALF_N, HALF_N, dim=0).store(ds)
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.arrive(ds_ready.index(slot), count=1)
+    mbarrier.wait(ds_ready.index(slot), (it // 2) & 1)
+    k = k_smem.reshape([BLOCK_N, 2 * HALF_D]).slice(HALF * HALF_D, HALF_D, dim=1)
+    return warpgroup_mma(ds_smem.index(slot).permute((1, 0)), k,
+                         gl.zeros([BLOCK_M, HALF_D], gl.float32, wgmma_layout(HALF_D)),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _dq_reduce(HALF: gl.constexpr, dq, fused, row0, t0, t1, t2, h):
+    """Add one step's ``dQ[:, d half]`` into the fp32 dQ accumulator in global memory (the
+    copy engine's reduction from shared memory), once the previous step's has left."""
+    dqa_desc, ds_smem, dq_smem, ds_ready = fused
+    T0: gl.constexpr = dqa_desc.block_type.shape[0]
+    T1: gl.constexpr = dqa_desc.block_type.shape[1]
+    T2: gl.constexpr = dqa_desc.block_type.shape[2]
+    HALF_D: gl.constexpr = dqa_desc.block_type.shape[4]
+    buf = dq_smem.index(HALF)
+    tma.store_wait(0)
+    gl.thread_barrier()
+    buf.reshape([T0 * T1 * T2, HALF_D]).store(dq)
+    fence_async_shared()
+    gl.thread_barrier()
+    _tma_reduce_add(dqa_desc, [row0 + t0 * T0, t1 * T1, t2 * T2, h, HALF * HALF_D], buf)
+
+
+@gluon.jit
+def _dkdv_step(MASKED: gl.constexpr, FUSED: gl.constexpr, HALF: gl.constexpr, k_h, v_h, bufs,
+               bars, it, dk, dv, s_zero, qk_scale, masking, fused, dq_at):
+    """One dK/dV step (ring slot ``it % STAGES``: a Q tile of one query head) of consumer
+    ``HALF``: ``S^T``, ``dP^T``, then ``dV += P^T dO`` and ``dK += dS^T Q``, waited on before
+    the slot is released. ``MASKED``: the item's ``m``-th partial Q tile, ``masking = (m, box,
+    ranges)`` (``_mask_queries``). ``FUSED``: also the step's dQ share (``_dq_share``), added
+    at ``dq_at = (row0, t0, t1, t2, head)`` (``_dq_reduce``)."""
     q_smem, do_smem, k_smem, v_smem, st_smem = bufs
     kv_full, kv_empty, q_full, do_full, q_empty = bars
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    T0: gl.constexpr = q_smem.type.shape[1]
+    T1: gl.constexpr = q_smem.type.shape[2]
+    T2: gl.constexpr = q_smem.type.shape[3]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[5]
+    BLOCK_M: gl.constexpr = T0 * T1 * T2
+    dtype: gl.constexpr = q_smem.dtype
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout,
+                                                  k_width=2)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_zero.type.layout)
+    slot = it % STAGES
+    phase = (it // STAGES) & 1
+    q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+    do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_full.index(slot), phase)
+    s = warpgroup_mma(k_h, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(do_full.index(slot), phase)
+    dp = warpgroup_mma(v_h, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(1, deps=[s])
+    lse2 = st_smem.index(2 * slot).load(col_layout)
+    sl = s * qk_scale - gl.expand_dims(lse2, 0)
+    if MASKED:
+        m, box, ranges = masking
+        sl = _mask_queries(sl, m, box, ranges, T0, T1, T2)
+    p = gl.exp2(sl)
+    p16 = gl.convert_layout(p.to(dtype), op_layout)
+    dv = warpgroup_mma(p16, do, dv, is_async=True)
+    delta = st_smem.index(2 * slot + 1).load(col_layout)
+    dp = warpgroup_mma_wait(1, deps=[dp])
+    ds = p * (dp - gl.expand_dims(delta, 0))
+    ds16 = gl.convert_layout(ds.to(dtype), op_layout)
+    dk = warpgroup_mma(ds16, q, dk, is_async=True)
+    if FUSED:
+        dq = _dq_share(HALF, ds.to(dtype), k_smem, fused, it)
+        dk, dv, p16, ds16, dq = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16, dq])
+        mbarrier.arrive(q_empty.index(slot), count=1)
+        row0, t0, t1, t2, h = dq_at
+        _dq_reduce(HALF, dq, fused, row0, t0, t1, t2, h)
+    else:
+        dk, dv, p16, ds16 = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16])
+        mbarrier.arrive(q_empty.index(slot), count=1)
+    return dk, dv
+
+
+@gluon.jit
+def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, geo, outs, sched,
+                  stats, scales, qrs, fused):
+    """Consumer warpgroup ``HALF``: keys ``[64 * HALF, 64 * HALF + 64)`` of every KV tile;
+    with ``FUSED`` also the tile's share of each step's dQ (``_dq_share``, ``_dq_reduce``)."""
+    q_desc = descs[0]
+    k_desc = descs[2]
+    k_smem = bufs[2]
+    v_smem = bufs[3]
+    kv_full = bars[0]
+    kv_empty = bars[1]
     dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h = outs
     first_item, num_items, num_programs = sched
     qk_scale, scale = scales
@@ -109,13 +219,10 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
     BLOCK_M: gl.constexpr = T0 * T1 * T2
     BLOCK_N: gl.constexpr = K0 * K1 * K2
     HALF_N: gl.constexpr = BLOCK_N // 2
-    STAGES: gl.constexpr = q_smem.type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators of one warpgroup: scores [keys, queries]; dK, dV [keys, head_dim].
     s_layout: gl.constexpr = wgmma_layout(BLOCK_M)
     acc_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     s_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
     k_h = k_smem.reshape([BLOCK_N, HEAD_DIM]).slice(HALF * HALF_N, HALF_N, dim=0)
     v_h = v_smem.reshape([BLOCK_N, HEAD_DIM]).slice(HALF * HALF_N, HALF_N, dim=0)
@@ -125,65 +232,41 @@ def _dkdv_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, stats
     for item in range(first_item, num_items, num_programs):
         b, h_kv, row0, j0, j1, j2, box, n_full, n_part = _dkdv_item(item, geo)
         n = n_full + n_part
+        # The step's Q tile and query head (the producer's walk), for the fused dQ.
+        t0 = box[2]
+        t1 = box[6]
+        t2 = box[10]
+        hh = 0
         dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
         if n > 0:
             mbarrier.wait(kv_full, done & 1)
             for j in range(n_full):
-                slot = it % STAGES
-                phase = (it // STAGES) & 1
-                q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                mbarrier.wait(q_full.index(slot), phase)
-                s = warpgroup_mma(k_h, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(do_full.index(slot), phase)
-                dp = warpgroup_mma(v_h, do.permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-                s = warpgroup_mma_wait(1, deps=[s])
-                lse2 = st_smem.index(2 * slot).load(col_layout)
-                p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
-                p16 = gl.convert_layout(p.to(dtype), op_layout)
-                dv = warpgroup_mma(p16, do, dv, is_async=True)
-                delta = st_smem.index(2 * slot + 1).load(col_layout)
-                dp = warpgroup_mma_wait(1, deps=[dp])
-                ds = p * (dp - gl.expand_dims(delta, 0))
-                ds16 = gl.convert_layout(ds.to(dtype), op_layout)
-                dk = warpgroup_mma(ds16, q, dk, is_async=True)
-                dk, dv, p16, ds16 = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16])
-                mbarrier.arrive(q_empty.index(slot), count=1)
+                dk, dv = _dkdv_step(False, FUSED, HALF, k_h, v_h, bufs, bars, it, dk, dv, s_zero,
+                                    qk_scale, (), fused, (row0, t0, t1, t2,
+                                                          h_kv * groups_per_kv + hh))
+                if FUSED:  # the producer's walk: query heads fastest, then Q tiles
+                    hh += 1
+                    wrap = (hh >= groups_per_kv).to(gl.int32)
+                    hh = hh * (1 - wrap)
+                    u0, u1, u2 = next_full_tile(t0, t1, t2, box[6], box[7], box[10], box[11])
+                    t0 = t0 * (1 - wrap) + u0 * wrap
+                    t1 = t1 * (1 - wrap) + u1 * wrap
+                    t2 = t2 * (1 - wrap) + u2 * wrap
                 it += 1
-            # The partial Q tiles: per key (row), the range of queries that see it, loaded
-            # once; per step the Q tile's query coordinates (the Triton KV-major kernel's
-            # masks, in its order).
-            krows = HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
-            kx0, kx1, kx2, key_ok, _, _, _ = tile_tokens(j0, j1, j2, krows, 0, 0, 0, G0, G1, G2,
-                                                         1, 1, 1, K0, K1, K2)
-            ranges = _row_windows(qrs, kx0, kx1, kx2, key_ok)
-            for j in range(n_part):
-                slot = it % STAGES
-                phase = (it // STAGES) & 1
-                q = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                do = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-                mbarrier.wait(q_full.index(slot), phase)
-                s = warpgroup_mma(k_h, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(do_full.index(slot), phase)
-                dp = warpgroup_mma(v_h, do.permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-                s = warpgroup_mma_wait(1, deps=[s])
-                lse2 = st_smem.index(2 * slot).load(col_layout)
-                sl = s * qk_scale - gl.expand_dims(lse2, 0)
-                sl = _mask_queries(sl, j // groups_per_kv, box, ranges, T0, T1, T2)
-                p = gl.exp2(sl)
-                p16 = gl.convert_layout(p.to(dtype), op_layout)
-                dv = warpgroup_mma(p16, do, dv, is_async=True)
-                delta = st_smem.index(2 * slot + 1).load(col_layout)
-                dp = warpgroup_mma_wait(1, deps=[dp])
-                ds = p * (dp - gl.expand_dims(delta, 0))
-                ds16 = gl.convert_layout(ds.to(dtype), op_layout)
-                dk = warpgroup_mma(ds16, q, dk, is_async=True)
-                dk, dv, p16, ds16 = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16])
-                mbarrier.arrive(q_empty.index(slot), count=1)
-                it += 1
+            if not FUSED:  # (the fused kernel takes mask-free problems only)
+                # The partial Q tiles: per key (row), the range of queries that see it, loaded
+                # once; per step the Q tile's query coordinates (the Triton KV-major kernel's
+                # masks, in its order).
+                krows = HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
+                kx0, kx1, kx2, key_ok, _, _, _ = tile_tokens(j0, j1, j2, krows, 0, 0, 0, G0, G1,
+                                                             G2, 1, 1, 1, K0, K1, K2)
+                ranges = _row_windows(qrs, kx0, kx1, kx2, key_ok)
+                for j in range(n_part):
+                    dk, dv = _dkdv_step(True, False, HALF, k_h, v_h, bufs, bars, it, dk, dv,
+                                        s_zero, qk_scale, (j // groups_per_kv, box, ranges), (),
+                                        ())
+                    it += 1
             mbarrier.arrive(kv_empty, count=1)  # the producer may load the next K/V
             done += 1
 
@@ -222,12 +305,24 @@ def _mask_queries(sl, m, box, ranges, T0: gl.constexpr, T1: gl.constexpr, T2: gl
 
 @gluon.jit
 def _dkdv_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
-    _dkdv_consume(0, descs, bufs, bars, geo, outs, sched, stats, scales, qrs)
+    _dkdv_consume(0, False, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, ())
 
 
 @gluon.jit
 def _dkdv_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
-    _dkdv_consume(1, descs, bufs, bars, geo, outs, sched, stats, scales, qrs)
+    _dkdv_consume(1, False, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, ())
+
+
+@gluon.jit
+def _fused_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused):
+    _dkdv_consume(0, True, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _fused_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused):
+    _dkdv_consume(1, True, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused)
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -375,6 +470,71 @@ def gna_backward_dkdv_block_sparse_kernel(
         (_dkdv_produce, args),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
+
+
+@gluon.jit
+def gna_backward_fused_block_sparse_kernel(
+    dK, dV, Inv, QR, q_desc, do_desc, k_desc, v_desc, st_desc, dqa_desc,
+    sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
+    L0, G0, G1, G2, NK1, NK2, kv_tiles, inv_s0, inv_s2, qr_s0, qr_s2,
+    heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale, num_items,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """dK, dV and dQ of perfectly block-sparse GNA in one pass (FlashAttention-3's five GEMMs
+    per tile pair, not the separate kernels' seven): the dK/dV kernel's loop, plus per step
+    ``dQ = dS K`` over the KV tile, added into ``dqa_desc``'s fp32 accumulator (zeroed by the
+    caller, scaled and cast after) with the copy engine's reductions. Which KV tiles' shares
+    add first varies run to run: dQ is not deterministic (dK, dV are). Same arguments as
+    :func:`gna_backward_dkdv_block_sparse_kernel` plus ``dqa_desc``: boxes of one Q tile and
+    half the head dimension over the ``[batch * L0, L1, L2, heads, d]`` fp32 accumulator."""
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0] * q_desc.block_type.shape[1] \
+        * q_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0] * k_desc.block_type.shape[1] \
+        * k_desc.block_type.shape[2]
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
+                                        do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    st_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES] + st_desc.block_type.shape,
+                                        st_desc.layout)
+    # dS^T of a step ([keys, queries], both warpgroups' rows; two slots, one per step parity)
+    # and each warpgroup's dQ share on its way to the reduction.
+    ds_smem = gl.allocate_shared_memory(
+        dtype, [2, BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M],
+                                                                           dtype))
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dqa_desc.block_type.shape,
+                                        dqa_desc.layout)
+    kv_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_full, count=1)
+    mbarrier.init(kv_empty, count=2)  # both consumers release K/V
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_full.index(i), count=1)
+        mbarrier.init(do_full.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a slot
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)  # both consumers' dS rows are in
+
+    descs = (q_desc, do_desc, k_desc, v_desc, st_desc)
+    bufs = (q_smem, do_smem, k_smem, v_smem, st_smem)
+    bars = (kv_full, kv_empty, q_full, do_full, q_empty)
+    geo = (Inv, inv_s0, inv_s2, L0, NK1, NK2, kv_tiles, heads_kv, groups_per_kv, G0, G1, G2)
+    outs = (dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h)
+    sched = (gl.program_id(0), num_items, gl.num_programs(0))
+    stats = (heads_kv * groups_per_kv, NT1, NT2, n_q_tiles, stat_stride)
+    args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale), (QR, qr_s0, qr_s2))
+    fused = (dqa_desc, ds_smem, dq_smem, ds_ready)
+    gl.warp_specialize([
+        (_fused_consume_keys_0_63, args + (fused,)),
+        (_fused_consume_keys_64_127, args + (fused,)),
+        (_dkdv_produce, args),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 # --- dQ -----------------------------------------------------------------------------------
 
