@@ -49,6 +49,18 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   benchmark's stride-1 rows (H200, fp16, d=128, session 8): 1-D w2048 0.108 -> 0.095 ms, 2-D
   w80 16.4 -> 14.6 ms, 3-D w18x24x24 84.5 -> 76.9 ms.
 
+* :func:`gna_backward_fused_block_sparse_kernel`: dK, dV and dQ in one pass for perfectly
+  block-sparse problems (FlashAttention-3's five GEMMs per tile pair, not the separate
+  kernels' seven): the dK/dV kernel's loop, plus per step each consumer writes its ``dS^T``
+  rows to shared memory, and once both are there computes half the head dimension of ``dQ =
+  dS K`` over the tile's 128 keys and adds it into an fp32 accumulator with the copy engine's
+  reduction (``_tma_reduce_add``: Triton 3.6's Gluon has the op without a Python wrapper).
+  dK and dV are the dK/dV kernel's bit for bit; dQ's additions come in whatever order the
+  KV tiles finish. Measured (H200, fp16, d=128, session 9): 8-10% faster than the separate
+  kernels on 1-D problems, 0-16% slower on 2-D/3-D ones, where the dS handoff between the
+  warpgroups and the reductions cost more than the dQ kernel they replace; the launcher
+  takes it for 1-D problems only, unless ``deterministic``.
+
 Which problems qualify: :func:`gna.triton_backward.gluon_backward_ineligible`.
 """
 
