@@ -4,6 +4,7 @@ Run on a GPU from the repo root::
 
     python benchmarks/tune_backward.py                      # every problem and configuration
     python benchmarks/tune_backward.py --only 3d-w18x24x24-s16x8x8
+    python benchmarks/tune_backward.py --fused-vs-separate   # the block-sparse rows
 
 For each problem (fp16, d=128, the forward benchmark's problems) the forward runs once with
 its default configuration; then :func:`gna.triton_backward.launch_backward` runs with one
@@ -96,7 +97,9 @@ def _setup(problem):
     # The reference for each variant's gradients: the Triton kernels only.
     triton_only = tuple(dataclasses.replace(c, gluon_stages=0) for c in defaults)
 
-    def run(configs, deterministic=False):
+    def run(configs, deterministic=True):
+        # Deterministic by default: the separate dK/dV and dQ kernels, whose configurations
+        # the sweep varies (not the fused kernel, see fused_vs_separate).
         return launch_backward(q, k, v, None, None, out, lse, dout, None, prob.geometry,
                                prob.scale, config, False, configs, deterministic)
     return prob, defaults, run, triton_only
@@ -179,6 +182,32 @@ def sweep(problems, out_rows, repeats=5):
         torch.cuda.empty_cache()
 
 
+def fused_vs_separate(problems, out_rows, repeats=5, passes=3):
+    """The fused Gluon dK/dV/dQ kernel (on every layout it can run, not only where the
+    launcher takes it) against the separate Gluon kernels, default configurations, passes
+    alternating: GPU ms of each kernel and their sum (delta and cast included), dK/dV
+    compared bit for bit, dQ's difference."""
+    import gna.triton_backward as tbw
+
+    tbw._GLUON_FUSED_NDIMS = (1, 2, 3)
+    for problem in problems:
+        prob, defaults, run, _ = _setup(problem)
+        row, grads = {"problem": problem[0], "experiment": "fused vs separate"}, {}
+        for _ in range(passes):
+            for tag, deterministic in (("separate", True), ("fused", False)):
+                grads[tag] = run(None, deterministic)
+                times = _kernel_times(lambda c, d=deterministic: run(c, d), None, repeats)
+                times["total"] = sum(times.values())
+                row.setdefault(tag, []).append({k: round(v, 4) for k, v in times.items()})
+        a, b = grads["fused"], grads["separate"]
+        row["dk_dv_equal"] = torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+        row["dq_rel_diff"] = ((a[0].float() - b[0].float()).norm() / b[0].float().norm()).item()
+        out_rows.append(row)
+        print(json.dumps(row), flush=True)
+        del run
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", nargs="*", help="problem names")
@@ -186,6 +215,8 @@ def main(argv=None):
     p.add_argument("--warm-only", action="store_true", help="compile only (worker mode)")
     p.add_argument("--no-parallel-warm", action="store_true")
     p.add_argument("--repeats", type=int, default=5, help="calls per variant (median)")
+    p.add_argument("--fused-vs-separate", action="store_true",
+                   help="time the fused Gluon backward against the separate kernels instead")
     args = p.parse_args(argv)
     global VARIANTS
     VARIANTS = args.variants
@@ -193,6 +224,13 @@ def main(argv=None):
                 and (not args.only or pr[0] in args.only)]
     if args.warm_only:
         warm(problems)
+        return
+    if args.fused_vs_separate:
+        rows = []
+        try:
+            fused_vs_separate([pr for pr in problems if "-s" in pr[0]], rows, args.repeats)
+        finally:
+            print("results:", harness.append("backward_sweep", rows))
         return
     if not args.no_parallel_warm:
         t0 = time.perf_counter()
