@@ -12,7 +12,10 @@ dK/dV), dK/dV (one program per KV tile x dilation group x batch x KV head), dQ (
 per Q tile x dilation group x batch x head) and, with additional keys, their dK/dV as fp32
 partial sums over token splits, added here in a fixed order. Everything is deterministic:
 each output element is written by exactly one program. The KV-major dK/dV masks come from
-per-key query ranges (:meth:`gna.geometry.Dim.query_ranges`).
+per-key query ranges (:meth:`gna.geometry.Dim.query_ranges`). Unless ``deterministic``, 1-D
+perfectly block-sparse problems on Hopper replace the dK/dV and dQ launches by the fused Gluon
+kernel and a cast of its fp32 dQ accumulator (zeroed by the delta launch); its dQ adds the KV
+tiles' shares in whatever order they finish (:func:`_plan_backward`).
 
 Each kernel starts from the forward's tiles and launch options and is fitted to the device's
 shared memory (:func:`_kernel_config`): the backward keeps more tiles on chip than the
