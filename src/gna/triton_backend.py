@@ -445,18 +445,20 @@ def gluon_device_ineligible(tensors, geo3: Geometry, ndim: int) -> str | None:
     return None
 
 
-def gluon_descriptor_specs(tensors_and_tiles, geo3: Geometry, ndim: int) -> tuple:
-    """``(shape, strides, block, layout)`` of a Gluon host descriptor per ``(tensor, tile)``:
-    boxes of one (padded 3-D) tile of one head over the 5-D ``[batch * L0, L1, L2, heads, d]``
-    view (:func:`_merged_layout`)."""
+def gluon_descriptor_specs(boxes, geo3: Geometry, ndim: int) -> tuple:
+    """``(shape, strides, block, layout)`` of a Gluon host descriptor per ``(tensor, tile)``
+    or ``(tensor, tile, d)``: boxes of one (padded 3-D) tile of one head, and ``d`` of its head
+    dimension (all of it by default), over the 5-D ``[batch * L0, L1, L2, heads, d]`` view
+    (:func:`_merged_layout`)."""
     from triton.experimental.gluon import language as gl
 
+    elems = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
     specs = []
-    for t, tile in tensors_and_tiles:
+    for t, tile, *d in boxes:
         shape, strides = _merged_layout(t, geo3, ndim)
-        block = [*tile, 1, t.shape[-1]]
-        elem = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-        specs.append((shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, elem)))
+        block = [*tile, 1, d[0] if d else t.shape[-1]]
+        specs.append((shape, strides, block,
+                      gl.NVMMASharedLayout.get_default_for(block, elems[t.dtype])))
     return tuple(specs)
 
 

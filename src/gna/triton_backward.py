@@ -54,7 +54,6 @@ from .triton_backend import (
     LaunchConfig,
     _device_tables,
     _halve,
-    _merged_layout,
     _next_pow2,
     _pad3,
     _plan,
@@ -476,18 +475,15 @@ def _plan_gluon_fused(dkdv: _Launch, q, geo, plan) -> _Launch:
     """The fused dK/dV/dQ launch: the Gluon dK/dV launch's arguments and a descriptor over
     the fp32 dQ accumulator (``dq_acc``, laid out as a contiguous ``q``) in boxes of one Q tile
     and half the head dimension."""
-    from triton.experimental.gluon import language as gl
-
     from .kernels.backward_gluon import gna_backward_fused_block_sparse_kernel
 
     acc = torch.empty(q.shape, dtype=torch.float32, device="meta")
-    shape, strides = _merged_layout(acc, plan.geo3, geo.ndim)
-    block = [*plan.q_tile, 1, q.shape[-1] // 2]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+    (spec,) = gluon_descriptor_specs(((acc, plan.q_tile, q.shape[-1] // 2),), plan.geo3,
+                                     geo.ndim)
     regs = _GLUON_REGS["fused"]
     return dataclasses.replace(
         dkdv, kernel=gna_backward_fused_block_sparse_kernel,
-        descriptors=dkdv.descriptors + (("dq_acc", shape, strides, block, layout),),
+        descriptors=dkdv.descriptors + (("dq_acc", *spec),),
         constexprs=dict(STAGES=_GLUON_FUSED_STAGES, CONSUMER_REGS=regs[0],
                         PRODUCER_REGS=regs[1]), compiled=[])
 
@@ -686,16 +682,9 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     inv_plan, inv = _device_inv(geo, c.q_tile, c.kv_tile, q.device)
     tables = dict(win_dkdv=win_dkdv, inv=inv)
     if gluon:
-        launches.append(_plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv,
-                                         win_dkdv, stat_stride, qk_scale, scale, c.gluon_stages))
-        if fused:  # dQ too, into the accumulator; then dQ = accumulator x scale
-            launches[-1] = _plan_gluon_fused(launches[-1], q, geo, plan)
-            launches.append(_Launch(gna_backward_dq_cast_kernel,
-                                    (triton.cdiv(q.numel(), _CAST_BLOCK), 1, 1),
-                                    ("dq_acc", "dq"), (q.numel(), scale),
-                                    dict(BLOCK=_CAST_BLOCK), 4, 1, False))
-            return _BackwardPlan(tuple(launches), tables, stat_stride, l_strides, dkdv_config,
-                                 head_dim_p2, precision, True)
+        launch = _plan_gluon_dkdv(q, k, v, dout, dk, dv, geo, plan, inv_plan, inv, win_dkdv,
+                                  stat_stride, qk_scale, scale, c.gluon_stages)
+        launches.append(_plan_gluon_fused(launch, q, geo, plan) if fused else launch)
     else:
         launches.append(_Launch(
             gna_backward_dkdv_kernel, (math.prod(inv_plan.n_kv_tiles), n_groups,
@@ -710,10 +699,15 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
                  PRECISION=precision, KV_MAJOR=c.kv_major, USE_TMA=c.use_tma),
             c.num_warps, c.num_stages, c.use_tma))
 
-    # dQ: per Q tile, the forward's range of KV tiles, then the additional keys.
+    # dQ: per Q tile, the forward's range of KV tiles, then the additional keys; or, from the
+    # fused kernel's accumulator, dQ = accumulator x scale.
     c = dq_config
-    if c.gluon and gluon_backward_ineligible("dq", q, k, v, dout, extra_k, geo, c.q_tile,
-                                             c.kv_tile, c.gluon_stages) is None:
+    if fused:
+        launches.append(_Launch(gna_backward_dq_cast_kernel,
+                                (triton.cdiv(q.numel(), _CAST_BLOCK), 1, 1), ("dq_acc", "dq"),
+                                (q.numel(), scale), dict(BLOCK=_CAST_BLOCK), 4, 1, False))
+    elif c.gluon and gluon_backward_ineligible("dq", q, k, v, dout, extra_k, geo, c.q_tile,
+                                               c.kv_tile, c.gluon_stages) is None:
         launch, tables["win_dq"], tables["rng"] = _plan_gluon_dq(q, k, v, dout, dq, geo, c,
                                                                  l_strides, qk_scale, scale)
         launches.append(launch)
@@ -732,7 +726,7 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
                  HAS_EXTRA=num_extra > 0, PRECISION=precision, USE_TMA=c.use_tma),
             c.num_warps, c.num_stages, c.use_tma))
     return _BackwardPlan(tuple(launches), tables, stat_stride, l_strides, dkdv_config,
-                         head_dim_p2, precision, False)
+                         head_dim_p2, precision, fused)
 
 
 def _launch_extra(q, extra_k, extra_v, dout, lse, delta, l_strides, lengths, ndim, scale,

@@ -115,10 +115,10 @@ def _dq_share(HALF: gl.constexpr, ds, k_smem, fused, it):
     memory, then, once the other warpgroup's are there too, ``dQ[:, d half] = dS K[:, d half]``
     over all 128 keys of the tile (issued, not waited on)."""
     dqa_desc, ds_smem, dq_smem, ds_ready = fused
-    HALF_N: gl.constexpr = ds_smem.type.shape[1] // 2
+    BLOCK_N: gl.constexpr = ds_smem.type.shape[1]
+    HALF_N: gl.constexpr = BLOCK_N // 2
     BLOCK_M: gl.constexpr = ds_smem.type.shape[2]
     HALF_D: gl.constexpr = dq_smem.type.shape[5]
-    BLOCK_N: gl.constexpr = 2 * HALF_N
     slot = it % 2
     ds_smem.index(slot).slice(HALF * HALF_N, HALF_N, dim=0).store(ds)
     fence_async_shared()
@@ -257,14 +257,9 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
                 dk, dv = _dkdv_step(False, FUSED, HALF, k_h, v_h, bufs, bars, it, dk, dv, s_zero,
                                     qk_scale, (), fused, (row0, t0, t1, t2,
                                                           h_kv * groups_per_kv + hh))
-                if FUSED:  # the producer's walk: query heads fastest, then Q tiles
-                    hh += 1
-                    wrap = (hh >= groups_per_kv).to(gl.int32)
-                    hh = hh * (1 - wrap)
-                    u0, u1, u2 = next_full_tile(t0, t1, t2, box[6], box[7], box[10], box[11])
-                    t0 = t0 * (1 - wrap) + u0 * wrap
-                    t1 = t1 * (1 - wrap) + u1 * wrap
-                    t2 = t2 * (1 - wrap) + u2 * wrap
+                if FUSED:  # the producer's walk
+                    t0, t1, t2, hh = _next_step(t0, t1, t2, hh, box[6], box[7], box[10],
+                                                box[11], groups_per_kv)
                 it += 1
             if not FUSED:  # (the fused kernel takes mask-free problems only)
                 # The partial Q tiles: per key (row), the range of queries that see it, loaded
@@ -383,14 +378,21 @@ def _produce_steps(descs, bufs, bars, stats, it, start, steps, b, h_first, hh, r
         stat_row = (b * heads + h) * n_q_tiles + (c0 * NT1 + c1) * NT2 + c2
         _copy_q_step(descs, bufs, bars, it, row0, c0, c1, c2, h, stat_row, stat_stride)
         it += 1
-        hh += 1
-        wrap = (hh >= groups_per_kv).to(gl.int32)
-        hh = hh * (1 - wrap)
-        u0, u1, u2 = next_full_tile(t0, t1, t2, ff1, fl1, ff2, fl2)
-        t0 = t0 * (1 - wrap) + u0 * wrap
-        t1 = t1 * (1 - wrap) + u1 * wrap
-        t2 = t2 * (1 - wrap) + u2 * wrap
+        t0, t1, t2, hh = _next_step(t0, t1, t2, hh, ff1, fl1, ff2, fl2, groups_per_kv)
     return it, hh, t0, t1, t2
+
+
+@gluon.jit
+def _next_step(t0, t1, t2, hh, ff1, fl1, ff2, fl2, groups_per_kv):
+    """The dK/dV walk's step after Q tile ``(t0, t1, t2)``, query head ``hh``: query heads
+    fastest, then the mask-free box of Q tiles in row-major order (the Triton kernel's
+    order)."""
+    hh += 1
+    wrap = (hh >= groups_per_kv).to(gl.int32)
+    hh = hh * (1 - wrap)
+    u0, u1, u2 = next_full_tile(t0, t1, t2, ff1, fl1, ff2, fl2)
+    return (t0 * (1 - wrap) + u0 * wrap, t1 * (1 - wrap) + u1 * wrap,
+            t2 * (1 - wrap) + u2 * wrap, hh)
 
 
 @gluon.jit
