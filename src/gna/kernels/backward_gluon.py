@@ -358,27 +358,32 @@ def _copy_q_step(descs, bufs, bars, it, row0, t0, t1, t2, h, stat_row, stat_stri
 
 
 @gluon.jit
-def _produce_steps(descs, bufs, bars, stats, it, start, steps, b, h_first, hh, row0, t0, t1, t2,
-                   box, n_full, groups_per_kv):
-    """Copy ``steps`` consecutive dK/dV steps from the item's step ``start``: query heads
-    fastest, the mask-free box of Q tiles in row-major order (``(t0, t1, t2)`` and query head
-    ``h_first + hh`` are where that walk stands), then the partial Q tiles in
-    ``partial_tile``'s order (the Triton kernel's order). Returns the walk's next position."""
+def _produce_steps(FULL: gl.constexpr, descs, bufs, bars, stats, it, start, end, b, h_first,
+                   hh, row0, t0, t1, t2, box, n_full, groups_per_kv):
+    """Copy the item's dK/dV steps ``start`` to ``end`` (exclusive), query heads fastest:
+    ``FULL``, mask-free ones, the box of Q tiles in row-major order (``(t0, t1, t2)`` and
+    query head ``h_first + hh`` are where that walk stands); else partial ones, in
+    ``partial_tile``'s order (the Triton kernel's order). Apart because ``partial_tile``'s
+    divisions on every step made the one producer warp the dQ kernel's bottleneck (session
+    10 of ``benchmarks/NOTES.md``). Returns the walk's next position."""
     heads, NT1, NT2, n_q_tiles, stat_stride = stats
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
-    for j in range(steps):
-        m = start + j - n_full  # the step's index among the partial ones
-        p0, p1, p2 = partial_tile(m // groups_per_kv, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2,
-                                  l2, ff2, fl2)
-        full = start + j < n_full
-        c0 = gl.where(full, t0, p0)
-        c1 = gl.where(full, t1, p1)
-        c2 = gl.where(full, t2, p2)
-        h = h_first + gl.where(full, hh, m % groups_per_kv)
+    for j in range(start, end):
+        if FULL:
+            c0 = t0
+            c1 = t1
+            c2 = t2
+            h = h_first + hh
+        else:
+            m = j - n_full  # the step's index among the partial ones
+            c0, c1, c2 = partial_tile(m // groups_per_kv, f0, l0, ff0, fl0, f1, l1, ff1, fl1,
+                                      f2, l2, ff2, fl2)
+            h = h_first + m % groups_per_kv
         stat_row = (b * heads + h) * n_q_tiles + (c0 * NT1 + c1) * NT2 + c2
         _copy_q_step(descs, bufs, bars, it, row0, c0, c1, c2, h, stat_row, stat_stride)
         it += 1
-        t0, t1, t2, hh = _next_step(t0, t1, t2, hh, ff1, fl1, ff2, fl2, groups_per_kv)
+        if FULL:
+            t0, t1, t2, hh = _next_step(t0, t1, t2, hh, ff1, fl1, ff2, fl2, groups_per_kv)
     return it, hh, t0, t1, t2
 
 
@@ -421,18 +426,26 @@ def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
             # The first steps' Q/dO go before K/V: their slots free up while the consumers
             # are still on the previous item, whose K/V they hold until its last step.
             n_first = gl.minimum(n, STAGES)
-            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, 0, n_first, b,
-                                                h_first, gl.to_tensor(0), row0, box[2], box[6],
-                                                box[10], box, n_full, groups_per_kv)
+            full_first = gl.minimum(n_first, n_full)
+            it, hh, t0, t1, t2 = _produce_steps(True, descs, bufs, bars, stats, it, 0,
+                                                full_first, b, h_first, gl.to_tensor(0), row0,
+                                                box[2], box[6], box[10], box, n_full,
+                                                groups_per_kv)
+            it, hh, t0, t1, t2 = _produce_steps(False, descs, bufs, bars, stats, it, full_first,
+                                                n_first, b, h_first, hh, row0, t0, t1, t2, box,
+                                                n_full, groups_per_kv)
             mbarrier.wait(kv_empty, (done & 1) ^ 1)
             coords = [row0 + j0 * K0, j1 * K1, j2 * K2, h_kv, 0]
             mbarrier.expect(kv_full, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, coords, kv_full, k_smem)
             tma.async_copy_global_to_shared(v_desc, coords, kv_full, v_smem)
             done += 1
-            it, hh, t0, t1, t2 = _produce_steps(descs, bufs, bars, stats, it, n_first,
-                                                n - n_first, b, h_first, hh, row0, t0, t1, t2,
-                                                box, n_full, groups_per_kv)
+            it, hh, t0, t1, t2 = _produce_steps(True, descs, bufs, bars, stats, it, n_first,
+                                                n_full, b, h_first, hh, row0, t0, t1, t2, box,
+                                                n_full, groups_per_kv)
+            it, hh, t0, t1, t2 = _produce_steps(False, descs, bufs, bars, stats, it,
+                                                gl.maximum(n_first, n_full), n, b, h_first, hh,
+                                                row0, t0, t1, t2, box, n_full, groups_per_kv)
 
 
 @gluon.jit
@@ -589,13 +602,28 @@ def _mask_partial(sl, m, box, windows, K0: gl.constexpr, K1: gl.constexpr, K2: g
 
 
 @gluon.jit
-def _kv_tile_at(t, n_full, j0, j1, j2, box):
-    """Coordinates of an item's ``t``-th KV tile: the mask-free walk's current tile ``(j0,
-    j1, j2)`` while ``t < n_full``, then the partial tiles in ``partial_tile``'s order."""
+def _copy_kv_steps(FULL: gl.constexpr, descs, bufs, bars, it, start, end, j0, j1, j2, box,
+                   n_full, row0, h_kv):
+    """Copy the item's KV tiles ``start`` to ``end`` (exclusive) into the ring: ``FULL``,
+    mask-free ones (the walk of the mask-free box, standing at ``(j0, j1, j2)``); else partial
+    ones, in ``partial_tile``'s order. Apart because ``partial_tile``'s divisions on every
+    tile made the one producer warp the bottleneck (session 10 of ``benchmarks/NOTES.md``).
+    Returns the ring position and the walk's next tile."""
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
-    p0, p1, p2 = partial_tile(t - n_full, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
-    full = t < n_full
-    return gl.where(full, j0, p0), gl.where(full, j1, p1), gl.where(full, j2, p2)
+    for t in range(start, end):
+        if FULL:
+            c0 = j0
+            c1 = j1
+            c2 = j2
+        else:
+            c0, c1, c2 = partial_tile(t - n_full, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2,
+                                      ff2, fl2)
+        _copy_kv(descs[2], descs[3], bufs[2], bufs[3], bars[2], bars[3], bars[4], it, row0, c0,
+                 c1, c2, h_kv)
+        if FULL:
+            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
+        it += 1
+    return it, j0, j1, j2
 
 
 @gluon.jit
@@ -762,35 +790,29 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
     done = 0
     for item in range(first_item, num_items, num_programs):
         b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(item, geo)
-        ff1 = box[6]
-        fl1 = box[7]
-        ff2 = box[10]
-        fl2 = box[11]
-        j0 = box[2]
-        j1 = ff1
-        j2 = ff2
+        j0 = box[2]  # the mask-free box's walk
+        j1 = box[6]
+        j2 = box[10]
         n = n_full + n_part
         # The first K/V tiles go before Q/dO: their slots free up while the consumers are
         # still on the previous item, whose Q and dO they hold until its last GEMMs.
         n_first = gl.minimum(n, STAGES)
-        for t in range(n_first):
-            c0, c1, c2 = _kv_tile_at(t, n_full, j0, j1, j2, box)
-            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, c0, c1,
-                     c2, h_kv)
-            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
-            it += 1
+        full_first = gl.minimum(n_first, n_full)
+        it, j0, j1, j2 = _copy_kv_steps(True, descs, bufs, bars, it, 0, full_first, j0, j1, j2,
+                                        box, n_full, row0, h_kv)
+        it, j0, j1, j2 = _copy_kv_steps(False, descs, bufs, bars, it, full_first, n_first, j0,
+                                        j1, j2, box, n_full, row0, h_kv)
         mbarrier.wait(q_empty, (done & 1) ^ 1)
         coords = [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0]
         mbarrier.expect(q_full, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, coords, q_full, q_smem)
         tma.async_copy_global_to_shared(do_desc, coords, q_full, do_smem)
         done += 1
-        for t in range(n_first, n):
-            c0, c1, c2 = _kv_tile_at(t, n_full, j0, j1, j2, box)
-            _copy_kv(k_desc, v_desc, k_smem, v_smem, k_full, v_full, kv_empty, it, row0, c0, c1,
-                     c2, h_kv)
-            j0, j1, j2 = next_full_tile(j0, j1, j2, ff1, fl1, ff2, fl2)
-            it += 1
+        it, j0, j1, j2 = _copy_kv_steps(True, descs, bufs, bars, it, n_first, n_full, j0, j1,
+                                        j2, box, n_full, row0, h_kv)
+        it, j0, j1, j2 = _copy_kv_steps(False, descs, bufs, bars, it,
+                                        gl.maximum(n_first, n_full), n, j0, j1, j2, box, n_full,
+                                        row0, h_kv)
 
 
 @gluon.jit
