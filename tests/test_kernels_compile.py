@@ -86,10 +86,11 @@ def _compile(kernel, constexprs: dict, num_warps=4, num_stages=2):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _compile_gluon(kind: str, dtype: str, q_tile, kv_tile, head_dim: int):
-    """A Gluon kernel (``kind``: the block-sparse ``forward``, ``dq`` or ``dkdv``) with its
-    launcher's options, integer arguments equal to 1 specialized, and its tensor descriptors
-    typed as the launcher makes them."""
+def _compile_gluon(kind: str, dtype: str, q_tile, kv_tile, head_dim: int, partial: bool = True):
+    """A Gluon kernel (``kind``: the block-sparse ``forward``, ``dq``, ``dkdv`` or ``fused``)
+    with its launcher's options, integer arguments equal to 1 specialized, and its tensor
+    descriptors typed as the launcher makes them; the dQ kernel with or without its
+    partial-tile code (``partial``)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -124,6 +125,8 @@ def _compile_gluon(kind: str, dtype: str, q_tile, kv_tile, head_dim: int):
         stages = tbw._gluon_stages(kind, math.prod(kv_tile))
         regs, maxnreg = tbw._GLUON_REGS[kind], tbw._GLUON_MAXNREG
     constexprs = dict(STAGES=stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1])
+    if kind == "dq":
+        constexprs["PARTIAL"] = partial
     signature, constants, attrs = _signature(kernel, constexprs, dtype, descriptor)
     src = GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=HOPPER, options={"num_warps": tb._GLUON_NUM_WARPS,
@@ -162,6 +165,8 @@ GLUON_CASES = {
     "dq-gluon-block-sparse-1d-fp16-d128-kv64": ("dq", "fp16", (1, 1, 128), (1, 1, 64), 128),
     "dq-gluon-block-sparse-2d-fp16-d128-kv64": ("dq", "fp16", (1, 8, 16), (1, 8, 8), 128),
     "dq-gluon-block-sparse-3d-bf16-d64": ("dq", "bf16", (2, 8, 8), (2, 8, 8), 64),
+    "dq-gluon-block-sparse-3d-fp16-d128-kv64-mask-free": ("dq", "fp16", (2, 8, 8), (1, 8, 8), 128,
+                                                          False),
     "dkdv-gluon-block-sparse-2d-fp16-d128": ("dkdv", "fp16", (1, 8, 8), (1, 8, 16), 128),
     "dkdv-gluon-block-sparse-3d-bf16-d64": ("dkdv", "bf16", (1, 8, 8), (2, 8, 8), 64),
     "fused-gluon-block-sparse-2d-fp16-d128": ("fused", "fp16", (1, 8, 8), (1, 8, 16), 128),

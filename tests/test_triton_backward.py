@@ -543,6 +543,17 @@ def test_gluon_backward_eligibility_rules():
     assert marked((256, 256), (80, 80), (1, 1)) == (True, True)
     assert marked((30, 48, 80), (18, 24, 24), (1, 1, 1)) == (True, False)  # 32-token Q tiles
     assert marked((32768,), (2048,), (1,)) == (True, True)
+    # The dQ kernel is compiled without its partial-tile code where no Q tile needs it.
+    for shape, window, stride, q_tile, kv_tile, partial in (
+            ((256, 256), (80, 80), (16, 16), (1, 8, 16), (1, 8, 8), False),
+            ((30, 48, 80), (18, 24, 24), (16, 8, 8), (2, 8, 8), (1, 8, 8), False),
+            ((256, 256), (80, 80), (1, 1), (1, 8, 16), (1, 8, 8), True),
+            ((4096,), (512,), (512,), (1, 1, 128), (1, 1, 64), False),
+            ((4096,), (512,), (256,), (1, 1, 128), (1, 1, 64), False),
+            ((4096,), (500,), (500,), (1, 1, 128), (1, 1, 64), True)):
+        q = torch.empty(1, *shape, 1, 128, device="meta", dtype=torch.float16)
+        geometry = normalize(None, q, q, q, window, stride).geometry
+        assert triton_backward._partial_tiles(geometry, q_tile, kv_tile) == partial, shape
 
 
 def _gluon_grads(q, k, v, dout, window, stride, gluon=True, causal=False,

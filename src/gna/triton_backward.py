@@ -382,11 +382,17 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
         return f"needs 64-token Q and 128-token KV tiles, got {q_tile}/{kv_tile}"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
-    if kind == "fused":
-        visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
-        if (visited != full).any():
-            return "some Q tiles visit partially masked KV tiles"
+    if kind == "fused" and _partial_tiles(geo, q_tile, kv_tile):
+        return "some Q tiles visit partially masked KV tiles"
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _partial_tiles(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> bool:
+    """Whether some Q tile visits a partially masked KV tile (tiles padded to 3-D): cached,
+    since counting the tiles walks the whole layout."""
+    visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
+    return bool((visited != full).any())
 
 
 def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
@@ -509,7 +515,8 @@ def _plan_gluon_dq(q, k, v, dout, dq, geo, c: KernelConfig, l_strides, qk_scale,
     regs = _GLUON_REGS["dq"]
     return _Launch(gna_backward_dq_block_sparse_kernel, (programs, 1, 1),
                    ("dq", "lse", "delta", "rng", "win_dq"), scalars,
-                   dict(STAGES=c.gluon_stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1]),
+                   dict(STAGES=c.gluon_stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1],
+                        PARTIAL=_partial_tiles(geo, plan.q_tile, plan.kv_tile)),
                    _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG), win, rng
 
 

@@ -566,14 +566,17 @@ def gna_backward_fused_block_sparse_kernel(
 # --- dQ -----------------------------------------------------------------------------------
 
 @gluon.jit
-def _dq_item(item, geo):
+def _dq_item(PARTIAL: gl.constexpr, item, geo):
     """The forward's work item (``_work_item``: batch, head, KV head, first descriptor row, Q
     tile coordinates, visited and mask-free KV boxes) and its numbers of mask-free and of
-    partial KV tiles (the Triton dQ kernel's two loops, in their order)."""
+    partial KV tiles (the Triton dQ kernel's two loops, in their order; none unless
+    ``PARTIAL``)."""
     b, h, h_kv, row0, t0, t1, t2, box = _work_item(item, geo)
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
     n_full = (fl0 - ff0) * (fl1 - ff1) * (fl2 - ff2)
-    n_part = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    n_part = 0
+    if PARTIAL:
+        n_part = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     return b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part
 
 
@@ -669,7 +672,8 @@ def _dq_step(MASKED: gl.constexpr, q, do, bufs, bars, it, prev, dq, ds16, s_zero
 
 
 @gluon.jit
-def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales, wins):
+def _dq_consume(HALF: gl.constexpr, PARTIAL: gl.constexpr, descs, bufs, bars, geo, outs, sched,
+                scales, wins):
     """Consumer warpgroup ``HALF``: rows ``[64 * HALF, 64 * HALF + 64)`` of every Q tile."""
     q_desc, do_desc, k_desc, v_desc = descs
     q_smem, do_smem, k_smem, v_smem = bufs
@@ -705,7 +709,7 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales,
     it = 0  # KV tiles consumed so far, over all work items: the ring's slot and phase
     done = 0  # work items finished: Q's phase
     for item in range(first_item, num_items, num_programs):
-        b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(item, geo)
+        b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(PARTIAL, item, geo)
         # This warpgroup's rows: log2-LSE and delta (padding rows read 0: finite, not stored).
         rows = HALF * HALF_M + gl.arange(0, HALF_M, layout=row_layout)
         _, _, _, row_ok, i0, i1, i2 = tile_tokens(t0, t1, t2, rows, 0, 0, 0, G0, G1, G2, 1, 1, 1,
@@ -728,8 +732,10 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales,
         dp = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s])
         sl = s * qk_scale - gl.expand_dims(lse2, 1)
-        if n_full == 0:
-            sl = _mask_partial(sl, 0, box, _row_windows(wins, i0, i1, i2, row_ok), K0, K1, K2)
+        if PARTIAL:
+            if n_full == 0:
+                sl = _mask_partial(sl, 0, box, _row_windows(wins, i0, i1, i2, row_ok), K0, K1,
+                                   K2)
         p = gl.exp2(sl)
         mbarrier.wait(v_full.index(slot), phase)  # done already: keeps the exp2 above the wait
         dp = warpgroup_mma_wait(0, deps=[dp])
@@ -743,11 +749,12 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales,
         for j in range(1, n_full):
             dq, ds16, prev, it = _dq_step(False, q, do, bufs, bars, it, prev, dq, ds16, s_zero,
                                           lse2, delta, qk_scale, 0, box, box)
-        windows = _row_windows(wins, i0, i1, i2, row_ok)
-        n = n_full + n_part
-        for j in range(gl.maximum(n_full, 1), n):
-            dq, ds16, prev, it = _dq_step(True, q, do, bufs, bars, it, prev, dq, ds16, s_zero,
-                                          lse2, delta, qk_scale, j - n_full, box, windows)
+        if PARTIAL:
+            windows = _row_windows(wins, i0, i1, i2, row_ok)
+            for j in range(gl.maximum(n_full, 1), n_full + n_part):
+                dq, ds16, prev, it = _dq_step(True, q, do, bufs, bars, it, prev, dq, ds16,
+                                              s_zero, lse2, delta, qk_scale, j - n_full, box,
+                                              windows)
         dq, ds16 = warpgroup_mma_wait(0, deps=[dq, ds16])
         mbarrier.arrive(kv_empty.index(prev), count=1)
         # Done with this Q tile: the producer loads the next one during the epilogue.
@@ -766,18 +773,38 @@ def _dq_consume(HALF: gl.constexpr, descs, bufs, bars, geo, outs, sched, scales,
 
 @gluon.jit
 def _dq_consume_rows_0_63(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_consume(0, descs, bufs, bars, geo, outs, sched, scales, wins)
+    _dq_consume(0, True, descs, bufs, bars, geo, outs, sched, scales, wins)
 
 
 @gluon.jit
 def _dq_consume_rows_64_127(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_consume(1, descs, bufs, bars, geo, outs, sched, scales, wins)
+    _dq_consume(1, True, descs, bufs, bars, geo, outs, sched, scales, wins)
+
+
+@gluon.jit
+def _dq_consume_rows_0_63_mask_free(descs, bufs, bars, geo, outs, sched, scales, wins):
+    _dq_consume(0, False, descs, bufs, bars, geo, outs, sched, scales, wins)
+
+
+@gluon.jit
+def _dq_consume_rows_64_127_mask_free(descs, bufs, bars, geo, outs, sched, scales, wins):
+    _dq_consume(1, False, descs, bufs, bars, geo, outs, sched, scales, wins)
 
 
 @gluon.jit
 def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
+    _dq_produce_items(True, descs, bufs, bars, geo, sched)
+
+
+@gluon.jit
+def _dq_produce_mask_free(descs, bufs, bars, geo, outs, sched, scales, wins):
+    _dq_produce_items(False, descs, bufs, bars, geo, sched)
+
+
+@gluon.jit
+def _dq_produce_items(PARTIAL: gl.constexpr, descs, bufs, bars, geo, sched):
     """Producer warp: Q and dO, then the K/V tiles of every work item (mask-free, then
-    partial), in the consumers' order."""
+    partial if ``PARTIAL``), in the consumers' order."""
     q_desc, do_desc, k_desc, v_desc = descs
     q_smem, do_smem, k_smem, v_smem = bufs
     q_full, q_empty, k_full, v_full, kv_empty = bars
@@ -789,7 +816,7 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
     it = 0
     done = 0
     for item in range(first_item, num_items, num_programs):
-        b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(item, geo)
+        b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part = _dq_item(PARTIAL, item, geo)
         j0 = box[2]  # the mask-free box's walk
         j1 = box[6]
         j2 = box[10]
@@ -800,8 +827,9 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
         full_first = gl.minimum(n_first, n_full)
         it, j0, j1, j2 = _copy_kv_steps(True, descs, bufs, bars, it, 0, full_first, j0, j1, j2,
                                         box, n_full, row0, h_kv)
-        it, j0, j1, j2 = _copy_kv_steps(False, descs, bufs, bars, it, full_first, n_first, j0,
-                                        j1, j2, box, n_full, row0, h_kv)
+        if PARTIAL:
+            it, j0, j1, j2 = _copy_kv_steps(False, descs, bufs, bars, it, full_first, n_first,
+                                            j0, j1, j2, box, n_full, row0, h_kv)
         mbarrier.wait(q_empty, (done & 1) ^ 1)
         coords = [row0 + t0 * T0, t1 * T1, t2 * T2, h, 0]
         mbarrier.expect(q_full, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -810,9 +838,10 @@ def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
         done += 1
         it, j0, j1, j2 = _copy_kv_steps(True, descs, bufs, bars, it, n_first, n_full, j0, j1,
                                         j2, box, n_full, row0, h_kv)
-        it, j0, j1, j2 = _copy_kv_steps(False, descs, bufs, bars, it,
-                                        gl.maximum(n_first, n_full), n, j0, j1, j2, box, n_full,
-                                        row0, h_kv)
+        if PARTIAL:
+            it, j0, j1, j2 = _copy_kv_steps(False, descs, bufs, bars, it,
+                                            gl.maximum(n_first, n_full), n, j0, j1, j2, box,
+                                            n_full, row0, h_kv)
 
 
 @gluon.jit
@@ -822,12 +851,15 @@ def gna_backward_dq_block_sparse_kernel(
     L0, G0, G1, G2, NT0, NT1, NT2, rng_s0, rng_s2, win_s0, win_s2,
     heads, groups_per_kv, qk_scale, scale, num_items,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    PARTIAL: gl.constexpr,
 ):
     """dQ of perfectly block-sparse GNA without additional keys. Launch as the block-sparse
     forward (``num_warps=4``, one program per SM at most); ``Rng`` is the forward's per-Q-tile
     KV range table, ``Lse`` the forward's natural-log LSE and ``Delta`` the delta kernel's, both
     laid out as a contiguous ``[batch, *spatial, heads]``; ``num_items`` = Q tiles x batch x
-    heads."""
+    heads. ``PARTIAL``: some Q tile visits partially masked KV tiles; without it the kernel is
+    compiled without the partial tiles' code (which cost the perfectly block-sparse loop ~3-5%
+    on 2-D/3-D problems, session 10 of ``benchmarks/NOTES.md``)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
@@ -852,8 +884,15 @@ def gna_backward_dq_block_sparse_kernel(
     outs = (dQ, Lse, Delta, sdq_b, sdq_0, sdq_1, sdq_2, sdq_h, sl_b, sl_0, sl_1, sl_2, sl_h)
     sched = (gl.program_id(0), num_items, gl.num_programs(0))
     args = (descs, bufs, bars, geo, outs, sched, (qk_scale, scale), (Win, win_s0, win_s2))
-    gl.warp_specialize([
-        (_dq_consume_rows_0_63, args),
-        (_dq_consume_rows_64_127, args),
-        (_dq_produce, args),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    if PARTIAL:
+        gl.warp_specialize([
+            (_dq_consume_rows_0_63, args),
+            (_dq_consume_rows_64_127, args),
+            (_dq_produce, args),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_dq_consume_rows_0_63_mask_free, args),
+            (_dq_consume_rows_64_127_mask_free, args),
+            (_dq_produce_mask_free, args),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
