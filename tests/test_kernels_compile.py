@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -185,14 +186,31 @@ def test_kernel_compiles_for_hopper_with_unit_sizes(case):
 
 
 @functools.lru_cache(maxsize=None)
-def _sass_opcodes(case: str) -> list[str]:
-    """The sm_90 SASS of a Gluon case, one ``OPCODE operands`` string per instruction
-    (compiled in a fresh process, disassembled with the cuobjdump Triton ships)."""
+def _sass(case: str) -> list[tuple[int, str]]:
+    """The sm_90 SASS of a Gluon case, ``(address, "OPCODE operands")`` per instruction, the
+    predicate dropped (compiled in a fresh process, disassembled with the cuobjdump Triton
+    ships)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__, "--sass", case], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.splitlines()
+    return [(int(a, 16), op) for a, op in (line.split(" ", 1) for line in done.stdout.splitlines())]
+
+
+def _sass_opcodes(case: str) -> list[str]:
+    return [op for _, op in _sass(case)]
+
+
+def _loops(case: str) -> list[list[str]]:
+    """The instructions of every backward branch's span (a loop body, or a wait's retry)."""
+    code = _sass(case)
+    index = {a: i for i, (a, _) in enumerate(code)}
+    loops = []
+    for i, (a, op) in enumerate(code):
+        m = re.match(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in index:
+            loops.append([o for _, o in code[index[int(m.group(1), 16)]:i + 1]])
+    return loops
 
 
 def _count(ops, prefix):
@@ -222,6 +240,22 @@ def test_gluon_kernels_feed_register_operands_unswapped(case):
     assert not swaps, f"{case}: {len(swaps)} register half-swaps, e.g. {swaps[0]}"
 
 
+@pytest.mark.parametrize("case", [c for c in GLUON_CASES if not c.startswith("forward")])
+def test_gluon_backward_producers_copy_mask_free_steps_without_divisions(case):
+    # The producer warp issues every step's copies. Where it also computed the step's partial
+    # tile (partial_tile: integer divisions, I2F/MUFU.RCP sequences) on mask-free steps, its
+    # step grew from 72-97 to 200-225 instructions and the dQ kernel became producer-bound
+    # (session 10: dQ -6 to -8% once the mask-free steps had a loop of their own).
+    producer = [body for body in _loops(case)
+                if any(op.startswith("UTMALDG") for op in body)
+                and not any(op.startswith("HGMMA") for op in body)]
+    assert producer, f"{case}: no producer loop found"
+    clean = [body for body in producer
+             if not any(op.startswith(("MUFU.RCP", "I2F")) for op in body)]
+    assert clean, f"{case}: every producer loop divides ({[len(b) for b in producer]} instr.)"
+    assert min(map(len, clean)) <= 120, [len(b) for b in clean]
+
+
 def test_gluon_dq_runs_exp2_while_dp_gemm_runs():
     # The dQ kernel waits for the scores (wait 1), computes P = exp2(...), then waits for dP
     # (wait 0). ptxas scheduled the second wait above nearly all the exp2 (5 of 32) until a
@@ -241,7 +275,6 @@ def test_gluon_dq_runs_exp2_while_dp_gemm_runs():
 
 if __name__ == "__main__":
     if sys.argv[1] == "--sass":
-        import re
         import tempfile
         from pathlib import Path
 
@@ -253,10 +286,10 @@ if __name__ == "__main__":
             sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True,
                                   check=True).stdout
         for line in sass.splitlines():
-            m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
             if m:
-                print(m.group(1).lstrip("@!P0123456789UT ") if m.group(1).startswith("@")
-                      else m.group(1))
+                op = m.group(2)
+                print(m.group(1), op.lstrip("@!P0123456789UT ") if op.startswith("@") else op)
     elif sys.argv[1] in GLUON_CASES:
         compiled = _compile_gluon(*GLUON_CASES[sys.argv[1]])
         # Within an H100's shared memory per block, as the launcher plans.
