@@ -366,7 +366,8 @@ _GLUON_FUSED_STAGES = 3
 # -> 1.45, 128k tokens 0.81 -> 0.74. 2-D/3-D, 24 heads: 256x256 s16 equal (29 ms), 128x128
 # s16 7.6 -> 8.8, 30x48x80 s16x8x8 89 -> 100, 16x48x80 40 -> 45, 8x48x80 equal: slower or
 # equal there, for reasons not found (not the accumulator's size: the 128k-token row's is
-# larger than the 2-D rows').
+# larger than the 2-D rows'; not its layout, nor KV tiles walking the same Q tiles in
+# lockstep: a tile-major accumulator and rotated walks measured no faster, session 10).
 _GLUON_FUSED_NDIMS = (1,)
 _CAST_BLOCK = 4096  # elements per program of the dQ accumulator's cast
 
