@@ -47,7 +47,9 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   its dQ is still the Triton kernel's bit for bit (tested); the mask sits between the scores
   and the ``exp2``, while the ``dP`` GEMM runs. Measured against the Triton dQ on the
   benchmark's stride-1 rows (H200, fp16, d=128, session 8): 1-D w2048 0.108 -> 0.095 ms, 2-D
-  w80 16.4 -> 14.6 ms, 3-D w18x24x24 84.5 -> 76.9 ms.
+  w80 16.4 -> 14.6 ms, 3-D w18x24x24 84.5 -> 76.9 ms. Where no Q tile needs them, the
+  partial tiles' code is compiled out (``PARTIAL``): its presence alone cost the mask-free
+  loop 3-7% (session 10).
 
 * :func:`gna_backward_fused_block_sparse_kernel`: dK, dV and dQ in one pass for perfectly
   block-sparse problems (FlashAttention-3's five GEMMs per tile pair, not the separate
@@ -60,6 +62,10 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   kernels on 1-D problems, 0-16% slower on 2-D/3-D ones, where the dS handoff between the
   warpgroups and the reductions cost more than the dQ kernel they replace; the launcher
   takes it for 1-D problems only, unless ``deterministic``.
+
+Both producers walk an item's mask-free steps and its partial ones in separate loops: with
+the partial tile's coordinates (integer divisions) computed on every step, one producer warp
+could not keep the dQ consumers fed (session 10: dQ 6-8% faster apart).
 
 Which problems qualify: :func:`gna.triton_backward.gluon_backward_ineligible`.
 """
