@@ -51,15 +51,10 @@ def time_ms(fn, warmup_ms: float = 100, rep_ms: float = 500) -> dict:
 
 def graph_time_ms(fn, replays: int = 20) -> float:
     """Median GPU time of ``fn`` captured in a CUDA graph: the device work alone."""
+    from gna.profiler import capture_graph
+
     fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn)
     return time_ms(graph.replay, warmup_ms=25, rep_ms=200)["ms"]
 
 

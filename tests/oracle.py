@@ -6,7 +6,7 @@ and runs masked softmax attention in float64. Slow and memory-hungry on purpose:
 small layouts only.
 
 Also here: comparison helpers whose failure messages say which case failed, where, and by how
-much, and the CUDA graph capture the GPU tests share.
+much.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "axis_keys", "axis_mask", "dense_mask", "masked_attention", "neighborhood_attention",
-    "assert_close", "assert_rel_norm", "as_tuple", "capture_graph",
+    "assert_close", "assert_rel_norm", "as_tuple",
 ]
 
 
@@ -167,17 +167,3 @@ def assert_rel_norm(actual, expected, *, bound: float, name: str = "", case=None
             f"{float(err[where]):.3e} at index {where}: actual {float(a[where]):.9g}, "
             f"expected {float(e[where]):.9g}\ncase: {case}"
         )
-
-
-def capture_graph(fn):
-    """``fn`` captured in a CUDA graph, after the warm-up run on a side stream that capture
-    needs: returns the graph and what the captured call returned."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph, result

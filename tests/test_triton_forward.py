@@ -21,7 +21,7 @@ from gna.args import normalize
 from gna.backends import Options
 from gna.triton_backend import LaunchConfig, count_tiles, default_config, launch_forward
 from gna import triton_backend
-from oracle import capture_graph
+from gna.profiler import capture_graph
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -268,3 +268,9 @@ class Geometry:
             visited_all.append(visited)
             full_all.append(full)
         return np.concatenate(visited_all), np.concatenate(full_all)
+
+    def has_partial_tiles(self, q_tile, kv_tile) -> bool:
+        """Whether some Q tile visits a KV tile it sees only in part (one that needs a mask),
+        by :meth:`tile_counts`."""
+        visited, full = self.tile_counts(q_tile, kv_tile)
+        return bool((visited != full).any())

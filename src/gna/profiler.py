@@ -614,6 +614,21 @@ def _runner(name: str, problem: Problem, options: Options, inputs, progress) -> 
 # ---------------------------------------------------------------------------------------------
 # Timing
 
+def capture_graph(fn):
+    """``fn`` captured in a CUDA graph, after the warm-up run on a side stream that capture
+    needs: returns the graph and what the captured call returned (for timing the device work
+    alone, ``benchmarks/harness.py``, and for the tests' graph replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def _first_call(fn) -> None:
     """Run ``fn`` once (compiles); if it fails, add the warnings it gave to the error (SDPA
     explains "No available kernel" in warnings)."""

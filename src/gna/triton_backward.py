@@ -305,10 +305,8 @@ def backward_configs(geo: Geometry, config: LaunchConfig, elem: int, head_dim_p2
     q_tile = _KV_MAJOR_Q_TILE.get(tuple(config.q_tile)) or _halve(tuple(config.q_tile), 2)
     if math.prod(q_tile) != 64:
         return dq, dkdv
-    if geo.ndim == 3:
-        visited, full = geo.tile_counts(q_tile, kv_tile)
-        if int(visited.sum()) != int(full.sum()):
-            q_tile = _halve(q_tile, 2)
+    if geo.ndim == 3 and geo.has_partial_tiles(q_tile, kv_tile):
+        q_tile = _halve(q_tile, 2)
     m = math.prod(q_tile)
     stages = next((s for s in (3, 2) if _dkdv_shared(m, 128, 128, 2, s) <= limit), 0)
     if stages:
@@ -383,17 +381,9 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
         return f"needs 64-token Q and 128-token KV tiles, got {q_tile}/{kv_tile}"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
-    if kind == "fused" and _partial_tiles(geo, q_tile, kv_tile):
+    if kind == "fused" and geo.has_partial_tiles(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:]):
         return "some Q tiles visit partially masked KV tiles"
     return None
-
-
-@functools.lru_cache(maxsize=256)
-def _partial_tiles(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> bool:
-    """Whether some Q tile visits a partially masked KV tile (tiles padded to 3-D): cached,
-    since counting the tiles walks the whole layout."""
-    visited, full = geo.tile_counts(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:])
-    return bool((visited != full).any())
 
 
 def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
@@ -517,7 +507,8 @@ def _plan_gluon_dq(q, k, v, dout, dq, geo, c: KernelConfig, l_strides, qk_scale,
     return _Launch(gna_backward_dq_block_sparse_kernel, (programs, 1, 1),
                    ("dq", "lse", "delta", "rng", "win_dq"), scalars,
                    dict(STAGES=c.gluon_stages, CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1],
-                        PARTIAL=_partial_tiles(geo, plan.q_tile, plan.kv_tile)),
+                        PARTIAL=geo.has_partial_tiles(plan.q_tile[3 - ndim:],
+                                                      plan.kv_tile[3 - ndim:])),
                    _GLUON_NUM_WARPS, 1, False, descriptors, _GLUON_MAXNREG), win, rng
 
 

@@ -32,7 +32,7 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   problems whose KV tiles are seen by partially masked Q tiles (stride 1, causal): after an
   item's mask-free steps it walks the partial Q tiles (x query heads) in the Triton KV-major
   kernel's order and sets each key row's transposed scores outside the range of queries that
-  see that key to -inf (``_mask_queries``; the per-key query ranges loaded once per item).
+  see that key to -inf (``_mask_partial``; the per-key query ranges loaded once per item).
   Measured against the Triton dK/dV (H200, fp16, d=128, session 9): 1-D w2048 0.190 -> 0.153
   ms, 2-D w80 28.2 -> 23.8 ms, gradients bit-identical.
 * :func:`gna_backward_dq_block_sparse_kernel`: query-major, the forward's loop with dO resident
@@ -82,6 +82,35 @@ from .tiles import (in_window, load_ranges, load_windows, next_full_tile, partia
                     partial_tile, split3, tile_coords, tile_tokens)
 
 _LOG2E = gl.constexpr(1.4426950408889634)
+
+
+# --- partially masked tiles (both kernels) ------------------------------------------------
+
+@gluon.jit
+def _row_windows(wins, i0, i1, i2, row_ok):
+    """Each row's range per dimension from a per-token table (``load_windows``, no dilation):
+    a query's key window (dQ), or the queries that see a key (dK/dV); rows outside the layout
+    get empty ranges."""
+    Win, win_s0, win_s2 = wins
+    return load_windows(Win, win_s0, 0, win_s2, 0, 0, 0, i0, i1, i2, row_ok)
+
+
+@gluon.jit
+def _mask_partial(sl, m, box, ranges, C0: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr):
+    """Scores ``sl`` (a wgmma layout) whose columns are the item's ``m``-th partial tile of
+    ``C0 x C1 x C2`` tokens (``partial_tile``'s order, the Triton kernels') with each column
+    outside its row's per-dimension ``ranges`` at -inf: for dQ, ``[rows, keys]`` against each
+    row's key window; for dK/dV, ``[keys, queries]`` against the range of queries that see
+    each key."""
+    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    j0, j1, j2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    cols = gl.arange(0, C0 * C1 * C2, layout=gl.SliceLayout(0, sl.type.layout))
+    x0, x1, x2 = tile_coords(j0, j1, j2, cols, C0, C1, C2)
+    a0, b0, a1, b1, a2, b2 = ranges
+    seen = in_window(gl.expand_dims(x0, 0), gl.expand_dims(x1, 0), gl.expand_dims(x2, 0),
+                     gl.expand_dims(a0, 1), gl.expand_dims(b0, 1), gl.expand_dims(a1, 1),
+                     gl.expand_dims(b1, 1), gl.expand_dims(a2, 1), gl.expand_dims(b2, 1))
+    return gl.where(seen, sl, float("-inf"))
 
 
 # --- dK / dV ------------------------------------------------------------------------------
@@ -161,7 +190,7 @@ def _dkdv_step(MASKED: gl.constexpr, FUSED: gl.constexpr, HALF: gl.constexpr, k_
     """One dK/dV step (ring slot ``it % STAGES``: a Q tile of one query head) of consumer
     ``HALF``: ``S^T``, ``dP^T``, then ``dV += P^T dO`` and ``dK += dS^T Q``, waited on before
     the slot is released. ``MASKED``: the item's ``m``-th partial Q tile, ``masking = (m, box,
-    ranges)`` (``_mask_queries``). ``FUSED``: also the step's dQ share (``_dq_share``), added
+    ranges)`` (``_mask_partial``). ``FUSED``: also the step's dQ share (``_dq_share``), added
     at ``dq_at = (row0, t0, t1, t2, head)`` (``_dq_reduce``)."""
     q_smem, do_smem, k_smem, v_smem, st_smem = bufs
     kv_full, kv_empty, q_full, do_full, q_empty = bars
@@ -188,7 +217,7 @@ def _dkdv_step(MASKED: gl.constexpr, FUSED: gl.constexpr, HALF: gl.constexpr, k_
     sl = s * qk_scale - gl.expand_dims(lse2, 0)
     if MASKED:
         m, box, ranges = masking
-        sl = _mask_queries(sl, m, box, ranges, T0, T1, T2)
+        sl = _mask_partial(sl, m, box, ranges, T0, T1, T2)
     p = gl.exp2(sl)
     p16 = gl.convert_layout(p.to(dtype), op_layout)
     dv = warpgroup_mma(p16, do, dv, is_async=True)
@@ -298,22 +327,6 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
         dv_ptrs = (dV + bb * sdv_b + hk * sdv_h
                    + gl.expand_dims(x0 * sdv_0 + x1 * sdv_1 + x2 * sdv_2, 1) + offs_d)
         gl.store(dv_ptrs, dv.to(dtype), mask=row_ok)
-
-
-@gluon.jit
-def _mask_queries(sl, m, box, ranges, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr):
-    """Transposed scores ``sl`` ([keys, queries], a wgmma layout) of the item's ``m``-th partial
-    Q tile (``partial_tile``'s order) with the queries that do not see each key (row) at -inf:
-    ``ranges`` are the rows' query ranges per dimension."""
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
-    t0, t1, t2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
-    cols = gl.arange(0, T0 * T1 * T2, layout=gl.SliceLayout(0, sl.type.layout))
-    i0, i1, i2 = tile_coords(t0, t1, t2, cols, T0, T1, T2)
-    qa0, qb0, qa1, qb1, qa2, qb2 = ranges
-    seen = in_window(gl.expand_dims(i0, 0), gl.expand_dims(i1, 0), gl.expand_dims(i2, 0),
-                     gl.expand_dims(qa0, 1), gl.expand_dims(qb0, 1), gl.expand_dims(qa1, 1),
-                     gl.expand_dims(qb1, 1), gl.expand_dims(qa2, 1), gl.expand_dims(qb2, 1))
-    return gl.where(seen, sl, float("-inf"))
 
 
 @gluon.jit
@@ -584,30 +597,6 @@ def _dq_item(PARTIAL: gl.constexpr, item, geo):
     if PARTIAL:
         n_part = partial_count(f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
     return b, h, h_kv, row0, t0, t1, t2, box, n_full, n_part
-
-
-@gluon.jit
-def _row_windows(wins, i0, i1, i2, row_ok):
-    """Each row's key window per dimension (``load_windows``, no dilation); rows outside the
-    layout get empty windows."""
-    Win, win_s0, win_s2 = wins
-    return load_windows(Win, win_s0, 0, win_s2, 0, 0, 0, i0, i1, i2, row_ok)
-
-
-@gluon.jit
-def _mask_partial(sl, m, box, windows, K0: gl.constexpr, K1: gl.constexpr, K2: gl.constexpr):
-    """Scores ``sl`` ([rows, keys], a wgmma layout) of the item's ``m``-th partial KV tile
-    (``partial_tile``'s order, the Triton kernel's) with the keys outside each row's window
-    at -inf."""
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
-    j0, j1, j2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
-    cols = gl.arange(0, K0 * K1 * K2, layout=gl.SliceLayout(0, sl.type.layout))
-    kx0, kx1, kx2 = tile_coords(j0, j1, j2, cols, K0, K1, K2)
-    ws0, we0, ws1, we1, ws2, we2 = windows
-    seen = in_window(gl.expand_dims(kx0, 0), gl.expand_dims(kx1, 0), gl.expand_dims(kx2, 0),
-                     gl.expand_dims(ws0, 1), gl.expand_dims(we0, 1), gl.expand_dims(ws1, 1),
-                     gl.expand_dims(we1, 1), gl.expand_dims(ws2, 1), gl.expand_dims(we2, 1))
-    return gl.where(seen, sl, float("-inf"))
 
 
 @gluon.jit
