@@ -276,10 +276,11 @@ def test_perfectly_block_sparse_needs_no_mask():
 
 # --------------------------------------------------------------------------- N-d geometry
 
-def brute_tile_counts(geo: Geometry, q_tile, kv_tile):
+def brute_tile_counts(geo: Geometry, q_tile, kv_tile, inverse=False):
     """Per Q tile of every dilation group (groups in product order, tiles row-major):
     KV tiles touched by any (query, key) pair, and KV tiles whose every key every query
-    of the tile sees (clipped KV tiles at the end of an axis never count as full)."""
+    of the tile sees (clipped KV tiles at the end of an axis never count as full). With
+    ``inverse``, the same per KV tile: the Q tiles touching it, and those seeing all of it."""
     mask = oracle.dense_mask(geo.shape, geo.kernel_size, geo.stride, geo.dilation,
                              geo.causal).numpy()
     visited_all, full_all = [], []
@@ -291,10 +292,12 @@ def brute_tile_counts(geo: Geometry, q_tile, kv_tile):
         sub = mask[np.ix_(flat, flat)].reshape(lengths + lengths)
         n_q = [-(-n // t) for n, t in zip(lengths, q_tile)]
         n_kv = [-(-n // t) for n, t in zip(lengths, kv_tile)]
-        for qt in itertools.product(*[range(n) for n in n_q]):
-            q_sl = tuple(slice(i * t, (i + 1) * t) for i, t in zip(qt, q_tile))
+        outer, inner = (n_kv, n_q) if inverse else (n_q, n_kv)
+        for a in itertools.product(*[range(n) for n in outer]):
             visited = full = 0
-            for kt in itertools.product(*[range(n) for n in n_kv]):
+            for b in itertools.product(*[range(n) for n in inner]):
+                qt, kt = (b, a) if inverse else (a, b)
+                q_sl = tuple(slice(i * t, (i + 1) * t) for i, t in zip(qt, q_tile))
                 k_sl = tuple(slice(j * t, (j + 1) * t) for j, t in zip(kt, kv_tile))
                 block = sub[q_sl + k_sl]
                 clipped = any((j + 1) * t > n for j, t, n in zip(kt, kv_tile, lengths))
@@ -316,10 +319,12 @@ def brute_tile_counts(geo: Geometry, q_tile, kv_tile):
 ])
 def test_tile_counts_brute_force(shape, kernel, stride, dilation, causal, q_tile, kv_tile):
     geo = Geometry(shape, kernel, stride, dilation, causal)
-    visited, full = geo.tile_counts(q_tile, kv_tile)
-    exp_visited, exp_full = brute_tile_counts(geo, q_tile, kv_tile)
-    assert visited.tolist() == exp_visited.tolist(), f"{geo} q_tile={q_tile} kv_tile={kv_tile}"
-    assert full.tolist() == exp_full.tolist(), f"{geo} q_tile={q_tile} kv_tile={kv_tile}"
+    for inverse, counts in ((False, geo.tile_counts), (True, geo.inverse_tile_counts)):
+        visited, full = counts(q_tile, kv_tile)
+        exp_visited, exp_full = brute_tile_counts(geo, q_tile, kv_tile, inverse)
+        where = f"{geo} q_tile={q_tile} kv_tile={kv_tile} inverse={inverse}"
+        assert visited.tolist() == exp_visited.tolist(), where
+        assert full.tolist() == exp_full.tolist(), where
 
 
 @pytest.mark.parametrize("shape,kernel,stride,dilation,causal", [

@@ -33,7 +33,7 @@ from gna.kernels.forward import gna_forward_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 FP32_POINTERS = {"Lse", "Delta", "dLse", "Stats", "dEK", "dEV", "DqAcc"}
-INT32_POINTERS = {"Win", "Inv", "Rng", "Counts", "QR"}
+INT32_POINTERS = {"Win", "Inv", "Rng", "Counts", "QR", "Sched"}
 DATA_POINTERS = {"Q", "K", "V", "EK", "EV", "dO", "Out", "dK", "dV", "dQ", "KD", "VD"}
 DESCRIPTORS = {"KD", "VD"}  # host-made tensor descriptors where HOST_DESC is set
 FLOATS = {"qk_scale", "scale"}

@@ -258,11 +258,20 @@ class Geometry:
         Returns two flat int64 arrays ``(visited, full)``: the counts for each Q tile of the
         multi-dimensional tiling (a KV tile is mask-free only if it is in every dimension).
         """
+        return self._counts(lambda dim, tq, tk: dim.tile_ranges(tq, tk), q_tile, kv_tile)
+
+    def inverse_tile_counts(self, q_tile, kv_tile):
+        """Q tiles visited and mask-free per KV tile (the dK/dV iteration space), over all KV
+        tiles of all dilation groups: two flat int64 arrays ``(visited, full)`` as
+        :meth:`tile_counts` gives per Q tile, KV tiles in row-major order within a group."""
+        return self._counts(lambda dim, tq, tk: dim.inverse_tile_ranges(tq, tk), q_tile, kv_tile)
+
+    def _counts(self, ranges, q_tile, kv_tile):
         visited_all, full_all = [], []
         for _, dims in self.groups():
             visited, full = np.ones(1, dtype=np.int64), np.ones(1, dtype=np.int64)
             for dim, tq, tk in zip(dims, q_tile, kv_tile):
-                r = dim.tile_ranges(tq, tk)
+                r = ranges(dim, tq, tk)
                 visited = np.multiply.outer(visited, r.visited).reshape(-1)
                 full = np.multiply.outer(full, r.full).reshape(-1)
             visited_all.append(visited)

@@ -13,8 +13,14 @@ Both kernels here have
 - two **consumer warpgroups** sharing those slots, each owning 64 rows of the program's
   resident tile; they synchronize only through the mbarriers, so one's elementwise work runs
   while the other's GEMMs use the tensor cores;
-- **persistence**: one program per SM walks the work items in the Triton kernel's grid order,
-  and the producer starts the next item's copies while the consumers finish the current one.
+- **persistence**: one program per SM walks its work items (the dQ kernel's in the Triton
+  kernel's grid order with a fixed stride; the dK/dV and fused kernels' from a table,
+  :func:`gna.triton_backward.balanced_schedule`), and the producer starts the next item's
+  copies while the consumers finish the current one. The table exists because KV tiles are
+  seen by very different numbers of Q tiles (56 to 480 on the 3-D stride-16x8x8 benchmark
+  problem, where every Q tile sees 162 KV tiles): with a fixed stride the busiest SM had 9%
+  more steps than the mean and the others waited for it (session 11: dK/dV -10% on that
+  problem, -7% on 2-D stride 16).
 
 The arithmetic is the Triton kernels', step for step in the same order (scores, ``exp2`` of
 the scaled scores minus the log2-LSE, ``P`` and ``dS`` rounded to the input dtype before their
@@ -250,7 +256,7 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
     kv_full = bars[0]
     kv_empty = bars[1]
     dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h = outs
-    first_item, num_items, num_programs = sched
+    Sched, pid = sched
     qk_scale, scale = scales
     groups_per_kv = geo[8]
     G0 = geo[9]
@@ -276,7 +282,8 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
 
     it = 0  # steps consumed so far, over all work items: the ring's slot and phase
     done = 0  # work items with K/V consumed: the K/V buffer's phase
-    for item in range(first_item, num_items, num_programs):
+    for i in range(gl.load(Sched + pid), gl.load(Sched + pid + 1)):
+        item = gl.load(Sched + i)
         b, h_kv, row0, j0, j1, j2, box, n_full, n_part = _dkdv_item(item, geo)
         n = n_full + n_part
         # The step's Q tile and query head (the producer's walk), for the fused dQ.
@@ -429,7 +436,7 @@ def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
     v_smem = bufs[3]
     kv_full = bars[0]
     kv_empty = bars[1]
-    first_item, num_items, num_programs = sched
+    Sched, pid = sched
     groups_per_kv = geo[8]
     STAGES: gl.constexpr = bufs[0].type.shape[0]
     K0: gl.constexpr = k_desc.block_type.shape[0]
@@ -437,7 +444,8 @@ def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
     K2: gl.constexpr = k_desc.block_type.shape[2]
     it = 0
     done = 0
-    for item in range(first_item, num_items, num_programs):
+    for i in range(gl.load(Sched + pid), gl.load(Sched + pid + 1)):
+        item = gl.load(Sched + i)
         b, h_kv, row0, j0, j1, j2, box, n_full, n_part = _dkdv_item(item, geo)
         n = n_full + n_part
         if n > 0:
@@ -469,10 +477,10 @@ def _dkdv_produce(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
 
 @gluon.jit
 def gna_backward_dkdv_block_sparse_kernel(
-    dK, dV, Inv, QR, q_desc, do_desc, k_desc, v_desc, st_desc,
+    dK, dV, Inv, QR, Sched, q_desc, do_desc, k_desc, v_desc, st_desc,
     sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
     L0, G0, G1, G2, NK1, NK2, kv_tiles, inv_s0, inv_s2, qr_s0, qr_s2,
-    heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale, num_items,
+    heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """dK, dV of perfectly block-sparse GNA. Launch with ``num_warps=4`` (the first consumer
@@ -480,8 +488,10 @@ def gna_backward_dkdv_block_sparse_kernel(
     ``Inv`` is the launcher's per-KV-tile table of Q tile ranges (the Triton dK/dV kernel's);
     every Q tile a KV tile is seen by must see all of it. ``st_desc`` views the delta kernel's
     tile-major statistics as one row of ``2 * stat_stride`` floats in boxes of one Q tile.
-    ``kv_tiles`` = KV tiles of the layout (``NK0 * NK1 * NK2``), ``num_items`` = that x batch x
-    KV heads; ``G*`` are the padded 3-D layout's extents."""
+    ``kv_tiles`` = KV tiles of the layout (``NK0 * NK1 * NK2``); a work item is one of them in
+    one batch and KV head (KV tiles fastest, then KV heads, then batches); ``Sched`` lists each
+    program's items (:func:`gna.triton_backward.balanced_schedule`: program ``p`` takes
+    ``Sched[Sched[p]:Sched[p + 1]]`` in order). ``G*`` are the padded 3-D layout's extents."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
@@ -507,7 +517,7 @@ def gna_backward_dkdv_block_sparse_kernel(
     bars = (kv_full, kv_empty, q_full, do_full, q_empty)
     geo = (Inv, inv_s0, inv_s2, L0, NK1, NK2, kv_tiles, heads_kv, groups_per_kv, G0, G1, G2)
     outs = (dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h)
-    sched = (gl.program_id(0), num_items, gl.num_programs(0))
+    sched = (Sched, gl.program_id(0))
     stats = (heads_kv * groups_per_kv, NT1, NT2, n_q_tiles, stat_stride)
     args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale), (QR, qr_s0, qr_s2))
     gl.warp_specialize([
@@ -520,10 +530,10 @@ def gna_backward_dkdv_block_sparse_kernel(
 
 @gluon.jit
 def gna_backward_fused_block_sparse_kernel(
-    dK, dV, Inv, QR, q_desc, do_desc, k_desc, v_desc, st_desc, dqa_desc,
+    dK, dV, Inv, QR, Sched, q_desc, do_desc, k_desc, v_desc, st_desc, dqa_desc,
     sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
     L0, G0, G1, G2, NK1, NK2, kv_tiles, inv_s0, inv_s2, qr_s0, qr_s2,
-    heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale, num_items,
+    heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """dK, dV and dQ of perfectly block-sparse GNA in one pass (FlashAttention-3's five GEMMs
@@ -572,7 +582,7 @@ def gna_backward_fused_block_sparse_kernel(
     bars = (kv_full, kv_empty, q_full, do_full, q_empty)
     geo = (Inv, inv_s0, inv_s2, L0, NK1, NK2, kv_tiles, heads_kv, groups_per_kv, G0, G1, G2)
     outs = (dK, dV, sdk_b, sdk_0, sdk_1, sdk_2, sdk_h, sdv_b, sdv_0, sdv_1, sdv_2, sdv_h)
-    sched = (gl.program_id(0), num_items, gl.num_programs(0))
+    sched = (Sched, gl.program_id(0))
     stats = (heads_kv * groups_per_kv, NT1, NT2, n_q_tiles, stat_stride)
     args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale), (QR, qr_s0, qr_s2))
     fused = (dqa_desc, ds_smem, dq_smem, ds_ready)
