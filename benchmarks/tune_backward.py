@@ -183,13 +183,10 @@ def sweep(problems, out_rows, repeats=5):
 
 
 def fused_vs_separate(problems, out_rows, repeats=5, passes=3):
-    """The fused Gluon dK/dV/dQ kernel (on every layout it can run, not only where the
-    launcher takes it) against the separate Gluon kernels, default configurations, passes
-    alternating: GPU ms of each kernel and their sum (delta and cast included), dK/dV
-    compared bit for bit, dQ's difference."""
-    import gna.triton_backward as tbw
-
-    tbw._GLUON_FUSED_NDIMS = (1, 2, 3)
+    """The fused Gluon dK/dV/dQ kernel (the default) against the separate Gluon kernels
+    (``deterministic=True``), default configurations, passes alternating: GPU ms of each
+    kernel and their sum (delta and cast included), dK/dV compared bit for bit, dQ's
+    difference."""
     for problem in problems:
         prob, defaults, run, _ = _setup(problem)
         row, grads = {"problem": problem[0], "experiment": "fused vs separate"}, {}

@@ -680,19 +680,12 @@ def test_gluon_backward_equals_triton_kernels_gpu(case):
         assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
 
 
-@pytest.fixture
-def fused_everywhere(monkeypatch):
-    """The fused Gluon backward on every layout it can run (by default only where it
-    measured faster, ``_GLUON_FUSED_NDIMS``), so that its 2-D/3-D tiles are tested too."""
-    monkeypatch.setattr(triton_backward, "_GLUON_FUSED_NDIMS", (1, 2, 3))
-
-
 @gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(GLUON_CASES))
-def test_gluon_fused_backward_matches_reference_gpu(case, dtype, head_dim, fused_everywhere):
+def test_gluon_fused_backward_matches_reference_gpu(case, dtype, head_dim):
     """The fused dK/dV/dQ kernel (dQ added into an fp32 accumulator by the copy engine's
     reductions), two batches, GQA (4 query heads on 2 KV heads): dQ, dK, dV against
     float64."""
@@ -704,7 +697,7 @@ def test_gluon_fused_backward_matches_reference_gpu(case, dtype, head_dim, fused
 @gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("case", list(GLUON_CASES))
-def test_gluon_fused_backward_against_separate_kernels_gpu(case, fused_everywhere):
+def test_gluon_fused_backward_against_separate_kernels_gpu(case):
     """The fused kernel's dK and dV are the separate Gluon dK/dV kernel's bit for bit (same
     loop); its dQ sums the same fp32 products in another order (per KV tile, then across KV
     tiles in fp32 in global memory), so it differs from the deterministic dQ kernel's by

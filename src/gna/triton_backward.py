@@ -406,15 +406,6 @@ _GLUON_REGS = {"dkdv": (240, 32), "dq": (232, 40), "fused": (240, 32)}
 # The fused dK/dV/dQ kernel's Q/dO ring: its dS and dQ staging buffers (64 KB at d=128) leave
 # room for 3 slots in an H100's 227 KB.
 _GLUON_FUSED_STAGES = 3
-# Where the fused kernel runs by default: the layouts where it measured faster than the
-# separate Gluon dK/dV and dQ kernels (H200, fp16, d=128, kernel ms, session 9 of
-# benchmarks/NOTES.md). 1-D, block-sparse: 32k tokens 1 head 0.220 -> 0.197 ms, 8 heads 1.57
-# -> 1.45, 128k tokens 0.81 -> 0.74. 2-D/3-D, 24 heads: 256x256 s16 equal (29 ms), 128x128
-# s16 7.6 -> 8.8, 30x48x80 s16x8x8 89 -> 100, 16x48x80 40 -> 45, 8x48x80 equal: slower or
-# equal there, for reasons not found (not the accumulator's size: the 128k-token row's is
-# larger than the 2-D rows'; not its layout, nor KV tiles walking the same Q tiles in
-# lockstep: a tile-major accumulator and rotated walks measured no faster, session 10).
-_GLUON_FUSED_NDIMS = (1,)
 _CAST_BLOCK = 4096  # elements per program of the dQ accumulator's cast
 
 
@@ -665,9 +656,12 @@ _BACKWARD_PLANS: dict = {}
 def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, config, tf32,
                    configs, deterministic) -> _BackwardPlan:
     """The delta, dK/dV and dQ launches for these inputs' shapes, strides and alignments;
-    unless ``deterministic``, where the fused Gluon kernel qualifies (and on the layouts of
-    ``_GLUON_FUSED_NDIMS``), the delta launch (which then zeroes its fp32 dQ accumulator),
-    that kernel and the accumulator's cast to dQ."""
+    unless ``deterministic``, where the fused Gluon kernel qualifies, the delta launch (which
+    then zeroes its fp32 dQ accumulator), that kernel and the accumulator's cast to dQ. (With
+    the balanced dK/dV schedule the fused kernel measured 2-10% faster than the separate
+    Gluon kernels on the block-sparse layouts tried, 1-D to 3-D, and equal within 2% on the
+    3-D benchmark problem; session 11 of ``benchmarks/NOTES.md``. Its accumulator, 4 bytes
+    per element of q, took the benchmark step's peak memory from 0.35x to 1.01x of cuDNN's.)"""
     ndim = geo.ndim
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
@@ -696,7 +690,7 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     c = dkdv_config
     gluon = c.gluon and gluon_backward_ineligible("dkdv", q, k, v, dout, extra_k, geo,
                                                   c.q_tile, c.kv_tile, c.gluon_stages) is None
-    fused = gluon and not deterministic and geo.ndim in _GLUON_FUSED_NDIMS and (
+    fused = gluon and not deterministic and (
         gluon_backward_ineligible("fused", q, k, v, dout, extra_k, geo, c.q_tile, c.kv_tile,
                                   _GLUON_FUSED_STAGES) is None)
 

@@ -64,10 +64,11 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   dS K`` over the tile's 128 keys and adds it into an fp32 accumulator with the copy engine's
   reduction (``_tma_reduce_add``: Triton 3.6's Gluon has the op without a Python wrapper).
   dK and dV are the dK/dV kernel's bit for bit; dQ's additions come in whatever order the
-  KV tiles finish. Measured (H200, fp16, d=128, session 9): 8-10% faster than the separate
-  kernels on 1-D problems, 0-16% slower on 2-D/3-D ones, where the dS handoff between the
-  warpgroups and the reductions cost more than the dQ kernel they replace; the launcher
-  takes it for 1-D problems only, unless ``deterministic``.
+  KV tiles finish. Measured (H200, fp16, d=128, session 11, both with the balanced
+  schedule): 2-10% faster than the separate kernels on 1-D to 3-D block-sparse problems
+  (equal, +-2%, on the 3-D benchmark problem); the launcher takes it unless
+  ``deterministic``. (Before the schedule it was 0-16% slower on 2-D/3-D: each step's lockstep
+  between the warpgroups made it the more sensitive to the SMs' unequal loads.)
 
 Both producers walk an item's mask-free steps and its partial ones in separate loops: with
 the partial tile's coordinates (integer divisions) computed on every step, one producer warp
