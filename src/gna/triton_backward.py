@@ -406,6 +406,12 @@ _GLUON_REGS = {"dkdv": (240, 32), "dq": (232, 40), "fused": (240, 32)}
 # The fused dK/dV/dQ kernel's Q/dO ring: its dS and dQ staging buffers (64 KB at d=128) leave
 # room for 3 slots in an H100's 227 KB.
 _GLUON_FUSED_STAGES = 3
+# Where the fused kernel also takes problems with partially masked tiles (stride 1, causal):
+# 2-D, where it measured faster than the separate Gluon kernels (256x256 w80: 35.6 -> 33.7
+# ms), not 1-D (32k tokens, w2048: 0.245 -> 0.260 ms); H200, fp16, d=128, session 11 of
+# benchmarks/NOTES.md. (3-D problems with partial tiles get 32-token dK/dV Q tiles, which no
+# Gluon dK/dV kernel takes.)
+_FUSED_PARTIAL_NDIMS = (2,)
 _CAST_BLOCK = 4096  # elements per program of the dQ accumulator's cast
 
 
@@ -420,8 +426,6 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
         return f"needs 64-token Q and 128-token KV tiles, got {q_tile}/{kv_tile}"
     if any(d != 1 for d in geo.dilation):
         return "dilation"
-    if kind == "fused" and geo.has_partial_tiles(q_tile[3 - geo.ndim:], kv_tile[3 - geo.ndim:]):
-        return "some Q tiles visit partially masked KV tiles"
     return None
 
 
@@ -438,7 +442,8 @@ def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
     KV tiles, and Q tiles that do not overhang a batch's first dimension (a Q box past it would
     read the next batch's queries, which the dK/dV sums would take in); it masks partial Q
     tiles as the Triton KV-major kernel does. ``"fused"`` (dK, dV and dQ in one kernel) needs
-    what dK/dV needs, every visited (Q tile, KV tile) pair mask-free and no additional keys."""
+    what dK/dV needs and no additional keys (where the launcher takes it:
+    :func:`_fused_preferred`)."""
     q_tile, kv_tile = _pad3(q_tile, 1), _pad3(kv_tile, 1)
     why = _gluon_geometry_ineligible(kind, geo, q_tile, kv_tile)
     if why:
@@ -653,11 +658,21 @@ class _BackwardPlan:
 _BACKWARD_PLANS: dict = {}
 
 
+def _fused_preferred(geo: Geometry, q_tile: tuple, kv_tile: tuple) -> bool:
+    """Whether the launcher takes the fused Gluon kernel where it qualifies: on perfectly
+    block-sparse layouts, and on layouts with partially masked tiles in
+    ``_FUSED_PARTIAL_NDIMS`` (tiles as the dK/dV configuration gives them)."""
+    ndim = geo.ndim
+    return ndim in _FUSED_PARTIAL_NDIMS or not geo.has_partial_tiles(
+        _pad3(q_tile, 1)[3 - ndim:], _pad3(kv_tile, 1)[3 - ndim:])
+
+
 def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, config, tf32,
                    configs, deterministic) -> _BackwardPlan:
     """The delta, dK/dV and dQ launches for these inputs' shapes, strides and alignments;
-    unless ``deterministic``, where the fused Gluon kernel qualifies, the delta launch (which
-    then zeroes its fp32 dQ accumulator), that kernel and the accumulator's cast to dQ. (With
+    unless ``deterministic``, where the fused Gluon kernel qualifies (on problems with
+    partially masked tiles, in ``_FUSED_PARTIAL_NDIMS`` only), the delta launch (which then
+    zeroes its fp32 dQ accumulator), that kernel and the accumulator's cast to dQ. (With
     the balanced dK/dV schedule the fused kernel measured 2-10% faster than the separate
     Gluon kernels on the block-sparse layouts tried, 1-D to 3-D, and equal within 2% on the
     3-D benchmark problem; session 11 of ``benchmarks/NOTES.md``. Its accumulator, 4 bytes
@@ -690,7 +705,7 @@ def _plan_backward(q, k, v, extra_k, extra_v, out, dout, has_dlse, geo, scale, c
     c = dkdv_config
     gluon = c.gluon and gluon_backward_ineligible("dkdv", q, k, v, dout, extra_k, geo,
                                                   c.q_tile, c.kv_tile, c.gluon_stages) is None
-    fused = gluon and not deterministic and (
+    fused = gluon and not deterministic and _fused_preferred(geo, c.q_tile, c.kv_tile) and (
         gluon_backward_ineligible("fused", q, k, v, dout, extra_k, geo, c.q_tile, c.kv_tile,
                                   _GLUON_FUSED_STAGES) is None)
 

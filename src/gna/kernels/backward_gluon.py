@@ -57,18 +57,21 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   partial tiles' code is compiled out (``PARTIAL``): its presence alone cost the mask-free
   loop 3-7% (session 10).
 
-* :func:`gna_backward_fused_block_sparse_kernel`: dK, dV and dQ in one pass for perfectly
-  block-sparse problems (FlashAttention-3's five GEMMs per tile pair, not the separate
-  kernels' seven): the dK/dV kernel's loop, plus per step each consumer writes its ``dS^T``
-  rows to shared memory, and once both are there computes half the head dimension of ``dQ =
-  dS K`` over the tile's 128 keys and adds it into an fp32 accumulator with the copy engine's
-  reduction (``_tma_reduce_add``: Triton 3.6's Gluon has the op without a Python wrapper).
+* :func:`gna_backward_fused_block_sparse_kernel`: dK, dV and dQ in one pass
+  (FlashAttention-3's five GEMMs per tile pair, not the separate kernels' seven), on the
+  problems the dK/dV kernel takes, partially masked tiles included (their dS is masked, so
+  their dQ shares are too): the dK/dV kernel's loop, plus per step each consumer writes its
+  ``dS^T`` rows to shared memory, and once both are there computes half the head dimension of
+  ``dQ = dS K`` over the tile's 128 keys and adds it into an fp32 accumulator with the copy
+  engine's reduction (``_tma_reduce_add``: Triton 3.6's Gluon has the op without a Python wrapper).
   dK and dV are the dK/dV kernel's bit for bit; dQ's additions come in whatever order the
   KV tiles finish. Measured (H200, fp16, d=128, session 11, both with the balanced
   schedule): 2-10% faster than the separate kernels on 1-D to 3-D block-sparse problems
-  (equal, +-2%, on the 3-D benchmark problem); the launcher takes it unless
-  ``deterministic``. (Before the schedule it was 0-16% slower on 2-D/3-D: each step's lockstep
-  between the warpgroups made it the more sensitive to the SMs' unequal loads.)
+  (equal, +-2%, on the 3-D benchmark problem), 5% faster on 2-D stride 1 (w80), 6% slower on
+  1-D stride 1 (w2048); the launcher takes it unless ``deterministic``, on partially masked
+  tiles in 2-D only (:func:`gna.triton_backward._fused_preferred`). (Before the schedule it
+  was 0-16% slower on 2-D/3-D block-sparse problems: each step's lockstep between the
+  warpgroups made it the more sensitive to the SMs' unequal loads.)
 
 Both producers walk an item's mask-free steps and its partial ones in separate loops: with
 the partial tile's coordinates (integer divisions) computed on every step, one producer warp
@@ -304,19 +307,25 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
                     t0, t1, t2, hh = _next_step(t0, t1, t2, hh, box[6], box[7], box[10],
                                                 box[11], groups_per_kv)
                 it += 1
-            if not FUSED:  # (the fused kernel takes mask-free problems only)
-                # The partial Q tiles: per key (row), the range of queries that see it, loaded
-                # once; per step the Q tile's query coordinates (the Triton KV-major kernel's
-                # masks, in its order).
-                krows = HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
-                kx0, kx1, kx2, key_ok, _, _, _ = tile_tokens(j0, j1, j2, krows, 0, 0, 0, G0, G1,
-                                                             G2, 1, 1, 1, K0, K1, K2)
-                ranges = _row_windows(qrs, kx0, kx1, kx2, key_ok)
-                for j in range(n_part):
-                    dk, dv = _dkdv_step(True, False, HALF, k_h, v_h, bufs, bars, it, dk, dv,
-                                        s_zero, qk_scale, (j // groups_per_kv, box, ranges), (),
-                                        ())
-                    it += 1
+            # The partial Q tiles: per key (row), the range of queries that see it, loaded
+            # once; per step the Q tile's query coordinates (the Triton KV-major kernel's
+            # masks, in its order).
+            krows = HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
+            kx0, kx1, kx2, key_ok, _, _, _ = tile_tokens(j0, j1, j2, krows, 0, 0, 0, G0, G1, G2,
+                                                         1, 1, 1, K0, K1, K2)
+            ranges = _row_windows(qrs, kx0, kx1, kx2, key_ok)
+            for j in range(n_part):
+                m = j // groups_per_kv
+                if FUSED:  # the step's Q tile and query head, for its dQ share
+                    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+                    c0, c1, c2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2,
+                                              fl2)
+                    dq_at = (row0, c0, c1, c2, h_kv * groups_per_kv + j % groups_per_kv)
+                else:
+                    dq_at = ()
+                dk, dv = _dkdv_step(True, FUSED, HALF, k_h, v_h, bufs, bars, it, dk, dv, s_zero,
+                                    qk_scale, (m, box, ranges), fused, dq_at)
+                it += 1
             mbarrier.arrive(kv_empty, count=1)  # the producer may load the next K/V
             done += 1
 
@@ -537,10 +546,11 @@ def gna_backward_fused_block_sparse_kernel(
     heads_kv, groups_per_kv, NT1, NT2, n_q_tiles, stat_stride, qk_scale, scale,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    """dK, dV and dQ of perfectly block-sparse GNA in one pass (FlashAttention-3's five GEMMs
-    per tile pair, not the separate kernels' seven): the dK/dV kernel's loop, plus per step
-    ``dQ = dS K`` over the KV tile, added into ``dqa_desc``'s fp32 accumulator (zeroed by the
-    caller, scaled and cast after) with the copy engine's reductions. Which KV tiles' shares
+    """dK, dV and dQ of GNA in one pass (FlashAttention-3's five GEMMs per tile pair, not the
+    separate kernels' seven), on the dK/dV kernel's problems: the dK/dV kernel's loop (partial
+    Q tiles masked as there), plus per step ``dQ = dS K`` over the KV tile, added into
+    ``dqa_desc``'s fp32 accumulator (zeroed by the caller, scaled and cast after) with the
+    copy engine's reductions. Which KV tiles' shares
     add first varies run to run: dQ is not deterministic (dK, dV are). Same arguments as
     :func:`gna_backward_dkdv_block_sparse_kernel` plus ``dqa_desc``: boxes of one Q tile and
     half the head dimension over the ``[batch * L0, L1, L2, heads, d]`` fp32 accumulator."""
