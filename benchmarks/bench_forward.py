@@ -101,7 +101,11 @@ def flex_runner(shape, window, stride, q, k, v, tiled: bool):
     block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda", _compile=True)
     torch.cuda.synchronize()
     mask_seconds = time.perf_counter() - t0
-    compiled = torch.compile(flex_attention)
+    # Static shapes: in one process, the second problem's call would otherwise be recompiled
+    # with dynamic shapes (torch.compile's automatic dynamic shapes), which is not what a user
+    # with one problem gets. Session 11 measured the 2-D w80 backward at 67.3 ms as the first
+    # problem of a process and 105.4 ms after the 1-D one (suspected cause, not verified).
+    compiled = torch.compile(flex_attention, dynamic=False)
     return (lambda: compiled(q, k, v, block_mask=block_mask)), mask_seconds
 
 
