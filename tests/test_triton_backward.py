@@ -490,7 +490,8 @@ def test_balanced_schedule_of_dkdv_items_on_the_3d_benchmark_problem():
     geometry = normalize(None, q, q, q, (18, 24, 24), (16, 8, 8)).geometry
     visited, full = geometry.inverse_tile_counts((1, 8, 8), (2, 8, 8))
     assert (visited == full).all() and (visited.min(), visited.max()) == (56, 480)
-    costs = [int(c) + 2 for c in visited] * 24
+    costs = triton_backward.dkdv_item_costs(geometry, (1, 8, 8), (2, 8, 8), 1, 24, 1).tolist()
+    assert costs == [int(c) + triton_backward._DKDV_ITEM_STEPS for c in visited] * 24
     fixed = [sum(costs[p::132]) for p in range(132)]
     assert max(fixed) / (sum(costs) / 132) > 1.09
     loads = [sum(costs[i] for i in items)

@@ -60,7 +60,7 @@ def neighborhood_attention(
         q_tile_shape, kv_tile_shape, backward_*: kernel tile shapes (kernel backends only).
         deterministic: run-to-run identical gradients. The reference backend always is; the
             Triton backend's backward is too, except where the fused Gluon kernel runs
-            (perfectly block-sparse problems on Hopper, fp16/bf16), whose dQ adds the KV
+            (on Hopper, fp16/bf16, where the Gluon dK/dV kernel qualifies), whose dQ adds the KV
             tiles' shares through the copy engine's reductions in whatever order they
             finish: ``True`` takes the separate deterministic dQ kernel there (slower).
         fp32_precision: ``"ieee"`` or ``"tf32"`` for float32 inputs on kernel backends.

@@ -10,7 +10,7 @@ it; and the backend entry :func:`run` that :mod:`gna.backends` dispatches to.
 The backward pass is a second op, ``gna::na_backward``, over the fused kernels of
 :mod:`gna.kernels.backward` (launcher: :mod:`gna.triton_backward`). Every gradient element is
 written by exactly one program (no atomics), so gradients are deterministic run to run, except
-dQ where the fused Gluon kernel runs (perfectly block-sparse problems on Hopper;
+dQ where the fused Gluon kernel runs (on Hopper, see :func:`gna.triton_backward._plan_backward`;
 ``deterministic=True`` rules it out), which adds the KV tiles' shares through the copy engine's
 reductions.
 """

@@ -12,10 +12,11 @@ dK/dV), dK/dV (one program per KV tile x dilation group x batch x KV head), dQ (
 per Q tile x dilation group x batch x head) and, with additional keys, their dK/dV as fp32
 partial sums over token splits, added here in a fixed order. Everything is deterministic:
 each output element is written by exactly one program. The KV-major dK/dV masks come from
-per-key query ranges (:meth:`gna.geometry.Dim.query_ranges`). Unless ``deterministic``, 1-D
-perfectly block-sparse problems on Hopper replace the dK/dV and dQ launches by the fused Gluon
-kernel and a cast of its fp32 dQ accumulator (zeroed by the delta launch); its dQ adds the KV
-tiles' shares in whatever order they finish (:func:`_plan_backward`).
+per-key query ranges (:meth:`gna.geometry.Dim.query_ranges`). Unless ``deterministic``, where
+the Gluon dK/dV kernel runs on Hopper (and :func:`_fused_preferred`), the fused Gluon kernel and
+a cast of its fp32 dQ accumulator (zeroed by the delta launch) replace the dK/dV and dQ
+launches; its dQ adds the KV tiles' shares in whatever order they finish
+(:func:`_plan_backward`).
 
 Each kernel starts from the forward's tiles and launch options and is fitted to the device's
 shared memory (:func:`_kernel_config`): the backward keeps more tiles on chip than the
@@ -249,17 +250,25 @@ _DKDV_ITEM_STEPS = 2
 _DEVICE_SCHEDULES: dict = {}
 
 
+def dkdv_item_costs(geo: Geometry, q_tile: tuple, kv_tile: tuple, batch: int, heads_kv: int,
+                    groups_per_kv: int) -> np.ndarray:
+    """The Gluon dK/dV kernel's work items in its order (a KV tile of one batch and KV head,
+    KV tiles fastest) and what each costs in steps: its visited Q tiles x query heads, plus
+    ``_DKDV_ITEM_STEPS``."""
+    visited, _ = geo.inverse_tile_counts(q_tile, kv_tile)
+    return np.tile(visited * groups_per_kv + _DKDV_ITEM_STEPS, batch * heads_kv)
+
+
 def _device_dkdv_schedule(plan, batch: int, heads_kv: int, groups_per_kv: int, programs: int,
                           device: torch.device) -> torch.Tensor:
-    """The Gluon dK/dV kernel's work lists (:func:`balanced_schedule`) on ``device``, made
-    once (CUDA graph capture finds them ready). An item (a KV tile of one batch and KV head,
-    KV tiles fastest) costs its visited Q tiles x query heads, plus ``_DKDV_ITEM_STEPS``."""
+    """The Gluon dK/dV kernel's work lists (:func:`balanced_schedule` of
+    :func:`dkdv_item_costs`) on ``device``, made once (CUDA graph capture finds them ready)."""
     key = (plan.geo3, plan.q_tile, plan.kv_tile, batch, heads_kv, groups_per_kv, programs,
            device)
     table = _DEVICE_SCHEDULES.get(key)
     if table is None:
-        visited, _ = plan.geo3.inverse_tile_counts(plan.q_tile, plan.kv_tile)
-        costs = np.tile(visited * groups_per_kv + _DKDV_ITEM_STEPS, batch * heads_kv)
+        costs = dkdv_item_costs(plan.geo3, plan.q_tile, plan.kv_tile, batch, heads_kv,
+                                groups_per_kv)
         table = torch.from_numpy(balanced_schedule(costs, programs)).to(device)
         _DEVICE_SCHEDULES[key] = table
     return table
@@ -431,7 +440,7 @@ def _gluon_geometry_ineligible(kind: str, geo: Geometry, q_tile: tuple, kv_tile:
 
 def gluon_backward_ineligible(kind: str, q, k, v, dout, extra_k, geo: Geometry,
                               q_tile: tuple, kv_tile: tuple, stages: int = 4) -> str | None:
-    """Why the Gluon block-sparse ``kind`` kernel (``"dq"`` or ``"dkdv"``, see
+    """Why the Gluon block-sparse ``kind`` kernel (``"dq"``, ``"dkdv"`` or ``"fused"``, see
     :mod:`gna.kernels.backward_gluon`) cannot run this call with these tiles, or None if it
     can: Hopper, fp16/bf16, head dims 64 and 128, no dilation, q, k, v, dout readable through
     5-D tensor descriptors (see :func:`gna.triton_backend.gluon_block_sparse_ineligible`) and

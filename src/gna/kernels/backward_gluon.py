@@ -38,7 +38,7 @@ GEMMs, dK scaled once at the end), so the gradients agree with theirs bit for bi
   problems whose KV tiles are seen by partially masked Q tiles (stride 1, causal): after an
   item's mask-free steps it walks the partial Q tiles (x query heads) in the Triton KV-major
   kernel's order and sets each key row's transposed scores outside the range of queries that
-  see that key to -inf (``_mask_partial``; the per-key query ranges loaded once per item).
+  see that key to -inf (``_mask_tile``; the per-key query ranges loaded once per item).
   Measured against the Triton dK/dV (H200, fp16, d=128, session 9): 1-D w2048 0.190 -> 0.153
   ms, 2-D w80 28.2 -> 23.8 ms, gradients bit-identical.
 * :func:`gna_backward_dq_block_sparse_kernel`: query-major, the forward's loop with dO resident
@@ -107,13 +107,26 @@ def _row_windows(wins, i0, i1, i2, row_ok):
 
 @gluon.jit
 def _mask_partial(sl, m, box, ranges, C0: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr):
-    """Scores ``sl`` (a wgmma layout) whose columns are the item's ``m``-th partial tile of
-    ``C0 x C1 x C2`` tokens (``partial_tile``'s order, the Triton kernels') with each column
-    outside its row's per-dimension ``ranges`` at -inf: for dQ, ``[rows, keys]`` against each
-    row's key window; for dK/dV, ``[keys, queries]`` against the range of queries that see
-    each key."""
+    """Scores ``sl`` (a wgmma layout) whose columns are the item's ``m``-th partial tile
+    (``partial_tile``'s order, the Triton kernels'), masked by :func:`_mask_tile`."""
+    j0, j1, j2 = _partial_tile_of(m, box)
+    return _mask_tile(sl, j0, j1, j2, ranges, C0, C1, C2)
+
+
+@gluon.jit
+def _partial_tile_of(m, box):
+    """Coordinates of the item's ``m``-th partial tile in the visited ``box``
+    (``load_ranges``' twelve values)."""
     f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
-    j0, j1, j2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+    return partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2)
+
+
+@gluon.jit
+def _mask_tile(sl, j0, j1, j2, ranges, C0: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr):
+    """Scores ``sl`` (a wgmma layout) whose columns are tile ``(j0, j1, j2)`` of ``C0 x C1 x
+    C2`` tokens, with each column outside its row's per-dimension ``ranges`` at -inf: for dQ,
+    ``[rows, keys]`` against each row's key window; for dK/dV, ``[keys, queries]`` against the
+    range of queries that see each key."""
     cols = gl.arange(0, C0 * C1 * C2, layout=gl.SliceLayout(0, sl.type.layout))
     x0, x1, x2 = tile_coords(j0, j1, j2, cols, C0, C1, C2)
     a0, b0, a1, b1, a2, b2 = ranges
@@ -200,8 +213,9 @@ def _dkdv_step(MASKED: gl.constexpr, FUSED: gl.constexpr, HALF: gl.constexpr, k_
     """One dK/dV step (ring slot ``it % STAGES``: a Q tile of one query head) of consumer
     ``HALF``: ``S^T``, ``dP^T``, then ``dV += P^T dO`` and ``dK += dS^T Q``, waited on before
     the slot is released. ``MASKED``: the item's ``m``-th partial Q tile, ``masking = (m, box,
-    ranges)`` (``_mask_partial``). ``FUSED``: also the step's dQ share (``_dq_share``), added
-    at ``dq_at = (row0, t0, t1, t2, head)`` (``_dq_reduce``)."""
+    ranges)`` (``_mask_tile``). ``FUSED``: also the step's dQ share (``_dq_share``), added at
+    ``dq_at = (row0, t0, t1, t2, head)`` (``_dq_reduce``), where a ``MASKED`` step's own
+    partial tile replaces ``(t0, t1, t2)``."""
     q_smem, do_smem, k_smem, v_smem, st_smem = bufs
     kv_full, kv_empty, q_full, do_full, q_empty = bars
     STAGES: gl.constexpr = q_smem.type.shape[0]
@@ -227,7 +241,8 @@ def _dkdv_step(MASKED: gl.constexpr, FUSED: gl.constexpr, HALF: gl.constexpr, k_
     sl = s * qk_scale - gl.expand_dims(lse2, 0)
     if MASKED:
         m, box, ranges = masking
-        sl = _mask_partial(sl, m, box, ranges, T0, T1, T2)
+        c0, c1, c2 = _partial_tile_of(m, box)
+        sl = _mask_tile(sl, c0, c1, c2, ranges, T0, T1, T2)
     p = gl.exp2(sl)
     p16 = gl.convert_layout(p.to(dtype), op_layout)
     dv = warpgroup_mma(p16, do, dv, is_async=True)
@@ -241,6 +256,10 @@ def _dkdv_step(MASKED: gl.constexpr, FUSED: gl.constexpr, HALF: gl.constexpr, k_
         dk, dv, p16, ds16, dq = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16, dq])
         mbarrier.arrive(q_empty.index(slot), count=1)
         row0, t0, t1, t2, h = dq_at
+        if MASKED:
+            t0 = c0
+            t1 = c1
+            t2 = c2
         _dq_reduce(HALF, dq, fused, row0, t0, t1, t2, h)
     else:
         dk, dv, p16, ds16 = warpgroup_mma_wait(0, deps=[dk, dv, p16, ds16])
@@ -315,16 +334,9 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
                                                          1, 1, 1, K0, K1, K2)
             ranges = _row_windows(qrs, kx0, kx1, kx2, key_ok)
             for j in range(n_part):
-                m = j // groups_per_kv
-                if FUSED:  # the step's Q tile and query head, for its dQ share
-                    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
-                    c0, c1, c2 = partial_tile(m, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2,
-                                              fl2)
-                    dq_at = (row0, c0, c1, c2, h_kv * groups_per_kv + j % groups_per_kv)
-                else:
-                    dq_at = ()
                 dk, dv = _dkdv_step(True, FUSED, HALF, k_h, v_h, bufs, bars, it, dk, dv, s_zero,
-                                    qk_scale, (m, box, ranges), fused, dq_at)
+                                    qk_scale, (j // groups_per_kv, box, ranges), fused,
+                                    (row0, 0, 0, 0, h_kv * groups_per_kv + j % groups_per_kv))
                 it += 1
             mbarrier.arrive(kv_empty, count=1)  # the producer may load the next K/V
             done += 1
@@ -403,7 +415,7 @@ def _produce_steps(FULL: gl.constexpr, descs, bufs, bars, stats, it, start, end,
     divisions on every step made the one producer warp the dQ kernel's bottleneck (session
     10 of ``benchmarks/NOTES.md``). Returns the walk's next position."""
     heads, NT1, NT2, n_q_tiles, stat_stride = stats
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    _, _, _, _, _, _, ff1, fl1, _, _, ff2, fl2 = box
     for j in range(start, end):
         if FULL:
             c0 = t0
@@ -412,8 +424,7 @@ def _produce_steps(FULL: gl.constexpr, descs, bufs, bars, stats, it, start, end,
             h = h_first + hh
         else:
             m = j - n_full  # the step's index among the partial ones
-            c0, c1, c2 = partial_tile(m // groups_per_kv, f0, l0, ff0, fl0, f1, l1, ff1, fl1,
-                                      f2, l2, ff2, fl2)
+            c0, c1, c2 = _partial_tile_of(m // groups_per_kv, box)
             h = h_first + m % groups_per_kv
         stat_row = (b * heads + h) * n_q_tiles + (c0 * NT1 + c1) * NT2 + c2
         _copy_q_step(descs, bufs, bars, it, row0, c0, c1, c2, h, stat_row, stat_stride)
@@ -628,15 +639,14 @@ def _copy_kv_steps(FULL: gl.constexpr, descs, bufs, bars, it, start, end, j0, j1
     ones, in ``partial_tile``'s order. Apart because ``partial_tile``'s divisions on every
     tile made the one producer warp the bottleneck (session 10 of ``benchmarks/NOTES.md``).
     Returns the ring position and the walk's next tile."""
-    f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2, ff2, fl2 = box
+    _, _, _, _, _, _, ff1, fl1, _, _, ff2, fl2 = box
     for t in range(start, end):
         if FULL:
             c0 = j0
             c1 = j1
             c2 = j2
         else:
-            c0, c1, c2 = partial_tile(t - n_full, f0, l0, ff0, fl0, f1, l1, ff1, fl1, f2, l2,
-                                      ff2, fl2)
+            c0, c1, c2 = _partial_tile_of(t - n_full, box)
         _copy_kv(descs[2], descs[3], bufs[2], bufs[3], bars[2], bars[3], bars[4], it, row0, c0,
                  c1, c2, h_kv)
         if FULL:
