@@ -356,28 +356,8 @@ def _dkdv_consume(HALF: gl.constexpr, FUSED: gl.constexpr, descs, bufs, bars, ge
         dv_ptrs = (dV + bb * sdv_b + hk * sdv_h
                    + gl.expand_dims(x0 * sdv_0 + x1 * sdv_1 + x2 * sdv_2, 1) + offs_d)
         gl.store(dv_ptrs, dv.to(dtype), mask=row_ok)
-
-
-@gluon.jit
-def _dkdv_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
-    _dkdv_consume(0, False, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, ())
-
-
-@gluon.jit
-def _dkdv_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales, qrs):
-    _dkdv_consume(1, False, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, ())
-
-
-@gluon.jit
-def _fused_consume_keys_0_63(descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused):
-    _dkdv_consume(0, True, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused)
-    tma.store_wait(0)
-
-
-@gluon.jit
-def _fused_consume_keys_64_127(descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused):
-    _dkdv_consume(1, True, descs, bufs, bars, geo, outs, sched, stats, scales, qrs, fused)
-    tma.store_wait(0)
+    if FUSED:
+        tma.store_wait(0)  # the last dQ reduction has left shared memory
 
 
 @gluon.jit
@@ -542,8 +522,8 @@ def gna_backward_dkdv_block_sparse_kernel(
     stats = (heads_kv * groups_per_kv, NT1, NT2, n_q_tiles, stat_stride)
     args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale), (QR, qr_s0, qr_s2))
     gl.warp_specialize([
-        (_dkdv_consume_keys_0_63, args),
-        (_dkdv_consume_keys_64_127, args),
+        (_dkdv_consume, (0, False) + args + ((),)),
+        (_dkdv_consume, (1, False) + args + ((),)),
         (_dkdv_produce, args),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -609,8 +589,8 @@ def gna_backward_fused_block_sparse_kernel(
     args = (descs, bufs, bars, geo, outs, sched, stats, (qk_scale, scale), (QR, qr_s0, qr_s2))
     fused = (dqa_desc, ds_smem, dq_smem, ds_ready)
     gl.warp_specialize([
-        (_fused_consume_keys_0_63, args + (fused,)),
-        (_fused_consume_keys_64_127, args + (fused,)),
+        (_dkdv_consume, (0, True) + args + (fused,)),
+        (_dkdv_consume, (1, True) + args + (fused,)),
         (_dkdv_produce, args),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -798,36 +778,6 @@ def _dq_consume(HALF: gl.constexpr, PARTIAL: gl.constexpr, descs, bufs, bars, ge
 
 
 @gluon.jit
-def _dq_consume_rows_0_63(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_consume(0, True, descs, bufs, bars, geo, outs, sched, scales, wins)
-
-
-@gluon.jit
-def _dq_consume_rows_64_127(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_consume(1, True, descs, bufs, bars, geo, outs, sched, scales, wins)
-
-
-@gluon.jit
-def _dq_consume_rows_0_63_mask_free(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_consume(0, False, descs, bufs, bars, geo, outs, sched, scales, wins)
-
-
-@gluon.jit
-def _dq_consume_rows_64_127_mask_free(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_consume(1, False, descs, bufs, bars, geo, outs, sched, scales, wins)
-
-
-@gluon.jit
-def _dq_produce(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_produce_items(True, descs, bufs, bars, geo, sched)
-
-
-@gluon.jit
-def _dq_produce_mask_free(descs, bufs, bars, geo, outs, sched, scales, wins):
-    _dq_produce_items(False, descs, bufs, bars, geo, sched)
-
-
-@gluon.jit
 def _dq_produce_items(PARTIAL: gl.constexpr, descs, bufs, bars, geo, sched):
     """Producer warp: Q and dO, then the K/V tiles of every work item (mask-free, then
     partial if ``PARTIAL``), in the consumers' order."""
@@ -910,15 +860,8 @@ def gna_backward_dq_block_sparse_kernel(
     outs = (dQ, Lse, Delta, sdq_b, sdq_0, sdq_1, sdq_2, sdq_h, sl_b, sl_0, sl_1, sl_2, sl_h)
     sched = (gl.program_id(0), num_items, gl.num_programs(0))
     args = (descs, bufs, bars, geo, outs, sched, (qk_scale, scale), (Win, win_s0, win_s2))
-    if PARTIAL:
-        gl.warp_specialize([
-            (_dq_consume_rows_0_63, args),
-            (_dq_consume_rows_64_127, args),
-            (_dq_produce, args),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_dq_consume_rows_0_63_mask_free, args),
-            (_dq_consume_rows_64_127_mask_free, args),
-            (_dq_produce_mask_free, args),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([
+        (_dq_consume, (0, PARTIAL) + args),
+        (_dq_consume, (1, PARTIAL) + args),
+        (_dq_produce_items, (PARTIAL, descs, bufs, bars, geo, sched)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
